@@ -1,0 +1,652 @@
+"""Raw text in, clean train/val documents out (the library behind 01_prepare_data.py).
+
+A *document* is a file, a JSONL record, a Leipzig sentence, or (for one big text file) a line or a
+paragraph. Everything streams: memory holds one block of input and one 8-byte hash per document.
+The split is decided by that hash, so re-running gives the same split and adding data never moves
+an existing document between train and val.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import sysconfig
+import tarfile
+import time
+import unicodedata
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import IO, Any
+
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from .common import UserError, atomic_open, console, human_bytes, sha256_file, write_json
+from .config import PrepareConfig
+
+DOC_SEP = "\x1e"  # ASCII record separator, alone on a line, ends each document in train.txt / val.txt
+BLOCK = 4 << 20  # bytes read at a time from big files
+SNIFF = 64 << 10  # bytes looked at to tell text from binary
+
+# Control characters go (tab and newline stay), with the BOM and lone surrogates that JSON escapes
+# can smuggle in. Replacement characters (undecodable bytes) are counted per document, then removed.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ud800-\udfff]")
+_ASCII_CONTROL = bytes([*range(0, 9), *range(11, 32), 127])
+_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+_NEWLINES = re.compile("\r\n?|[\u2028\u2029]")
+_LINE_BLANKS = re.compile(r"[^\S\n]{2,}|[^\S\n ]")
+_LEIPZIG_ID = re.compile(r"^[^\t\n]*\t", re.M)
+_TRAILING = re.compile(r"[ \t]+$", re.M)
+_BLANKS = re.compile(r"\n{4,}")  # at most two blank lines in a row (PEP 8 keeps two)
+_PARAGRAPH = re.compile(r"\n[ \t]*\n")
+_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+_TAG_MAX_CHARS = 64
+
+
+# --------------------------------------------------------------------------------------------------
+# cleaning
+
+
+def normalize_chars(text: str, lines: bool = False) -> str:
+    """The character-level part of cleaning, safe to run on a whole block of many documents at once:
+    newlines, NFC, control characters out, exotic spaces to ' ', trailing blanks off each line.
+    With `lines` (a document per line), every run of blanks becomes one space instead. Replacement characters stay: each document counts its own as undecodable bytes.
+    Cheap `in` tests and an ASCII path skip the regex passes that would find nothing."""
+    if "\r" in text or "\u2028" in text or "\u2029" in text:
+        text = _NEWLINES.sub("\n", text)
+    if text.isascii():  # no NFC, no exotic spaces; deleting ASCII controls is a bytes.translate
+        text = text.encode("ascii").translate(None, _ASCII_CONTROL).decode("ascii")
+    else:
+        if not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+        text = _CONTROL.sub("", text)
+        if not lines:
+            text = _SPACES.sub(" ", text)
+    if lines:  # one line is one document of prose: every run of blanks becomes one space
+        return _LINE_BLANKS.sub(" ", text)
+    if " \n" in text or "\t\n" in text:
+        text = _TRAILING.sub("", text)
+    return text
+
+
+def tidy(text: str, single_line: bool) -> str:
+    """The per-document part: one line of prose with single spaces, or blank-line runs cut to two."""
+    if single_line:
+        return " ".join(text.split())
+    if "\n\n\n\n" in text:
+        text = _BLANKS.sub("\n\n\n", text)
+    return text.strip("\n").rstrip(" \t")
+
+
+def clean_text(text: str, single_line: bool = False) -> str:
+    """NFC, no control characters, tidy whitespace; code keeps its indentation, prose its paragraphs."""
+    return tidy(normalize_chars(text).replace("\ufffd", ""), single_line)
+
+
+def doc_hash(text: str) -> int:
+    """64-bit hash of a cleaned document: the key for de-duplication and for the train/val split."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+# --------------------------------------------------------------------------------------------------
+# sources
+
+
+@dataclass
+class Source:
+    """One input as the user named it, resolved to files of one kind."""
+
+    label: str
+    kind: str  # text | jsonl | leipzig
+    files: list[Path]
+    unit: str = "file"  # text only: file | paragraph | line
+    explicit: bool = True  # named directly by the user: a bad file is an error, not a skipped file
+
+
+# Readers yield batches: a list of raw document texts and, for JSONL, a parallel list of tag dicts.
+Batch = tuple[list[str], "list[dict[str, str]] | None"]
+
+
+def _kind_of(name: str) -> str:
+    name = name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")):
+        return "jsonl"
+    if name.endswith((".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")):
+        return "leipzig"
+    return "text"
+
+
+def _open(path: Path, advance: Callable[[int], None]) -> IO[bytes]:
+    """Binary reader that reports compressed bytes consumed, decompressing .gz transparently."""
+    raw = _Counting(open(path, "rb"), advance)
+    if path.name.lower().endswith(".gz") and _kind_of(path.name) != "leipzig":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    return raw  # type: ignore[return-value]
+
+
+class _Counting(io.RawIOBase):
+    def __init__(self, f: IO[bytes], advance: Callable[[int], None]) -> None:
+        self.f, self.advance = f, advance
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self.f.readinto(b)  # type: ignore[attr-defined]
+        self.advance(n or 0)
+        return n or 0
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def sniff(path: Path) -> str:
+    """'ok', 'empty', 'binary' (NUL bytes) or 'not_utf8' from the first 64 KB (decompressed)."""
+    try:
+        with _open(path, lambda n: None) as f:
+            head = f.read(SNIFF)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return "binary"
+    return _classify(head)
+
+
+def _classify(head: bytes) -> str:
+    if not head:
+        return "empty"
+    if b"\x00" in head:
+        return "binary"
+    bad = head.decode("utf-8", errors="replace").count("\ufffd") - head.count(b"\xef\xbf\xbd")
+    # the sniffed head may end inside a character: allow up to 3 bad bytes for that
+    return "not_utf8" if bad > 3 and bad > 0.3 * len(head) / 2 else "ok"
+
+
+def _auto_unit(path: Path) -> str:
+    """For one big text file: a document per paragraph when it has blank lines, else per line."""
+    with _open(path, lambda n: None) as f:
+        head = f.read(SNIFF).decode("utf-8", errors="replace")
+    return "paragraph" if _PARAGRAPH.search(_NEWLINES.sub("\n", head)) else "line"
+
+
+def stdlib_files() -> list[Path]:
+    """The .py files of the running Python's standard library, test folders and site-packages left out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP and not d.startswith("test"))
+        files += [Path(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    return files
+
+
+def resolve_inputs(cfg: PrepareConfig, raw_dir: Path) -> list[Source]:
+    sources = []
+    for item in cfg.inputs or ["stdlib"]:
+        if item == "stdlib":
+            sources.append(Source("stdlib", "text", stdlib_files(), "file", explicit=False))
+            continue
+        if item.startswith(("http://", "https://")):
+            path = download(item, raw_dir)
+        else:
+            path = Path(item).expanduser()
+            if not path.exists():
+                raise UserError(f"input {item} does not exist; check the path (or give a URL, or 'stdlib').")
+        if path.is_dir():
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and (not cfg.glob or fnmatch(p.name, cfg.glob))
+            )
+            if not files:
+                hint = f" matching {cfg.glob!r}" if cfg.glob else ""
+                raise UserError(f"folder {item} holds no files{hint}; check the path or --glob.")
+            by_kind: dict[str, list[Path]] = defaultdict(list)
+            for p in files:
+                by_kind[_kind_of(p.name)].append(p)
+            for kind, fs in by_kind.items():
+                unit = "file" if cfg.doc_unit == "auto" else cfg.doc_unit
+                sources.append(Source(f"{item} ({kind})", kind, fs, unit, explicit=False))
+            continue
+        kind = _kind_of(path.name)
+        if kind != "leipzig":
+            state = sniff(path)
+            if state == "empty":
+                raise UserError(f"input {item} is empty; give a file with text in it.")
+            if state == "binary":
+                raise UserError(f"input {item} looks like a binary file, not text; give text, JSONL or a .tar.gz.")
+            if state == "not_utf8":
+                raise UserError(
+                    f"input {item} is not UTF-8 text; convert it first (e.g. iconv -f cp1251 -t utf-8)."
+                )
+        unit = cfg.doc_unit
+        if kind == "text" and unit == "auto":
+            unit = _auto_unit(path)
+        sources.append(Source(item, kind, [path], unit))
+    return sources
+
+
+def _split_blocks(f: IO[bytes], unit: str, strip_ids: bool = False) -> Iterator[list[str]]:
+    """Documents (lines or paragraphs) of a big stream, normalised a 4 MB block at a time.
+    `strip_ids` drops the `id<TAB>` that starts every line of a Leipzig sentences file."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # blocks may cut a character
+    carry = ""
+    while True:
+        block = f.read(BLOCK)
+        text = carry + decoder.decode(block, final=not block)
+        carry = ""
+        if block:  # whole lines only; a line cut by the block boundary waits for the next block
+            cut = text.rfind("\n") + 1
+            text, carry = text[:cut], text[cut:]
+        if strip_ids:
+            text = _LEIPZIG_ID.sub("", text)
+        text = normalize_chars(text, lines=unit == "line")
+        if unit == "line":
+            yield text.split("\n")
+        else:
+            pieces = _PARAGRAPH.split(text)
+            if block:  # the last paragraph may go on in the next block (cleaning is idempotent)
+                carry = pieces.pop() + "\n" + carry
+            yield pieces
+        if not block:
+            return
+
+
+def _read_text(src: Source, path: Path, advance: Callable[[int], None], stats: Stats) -> Iterator[Batch]:
+    if src.unit == "file":  # small files: read once, then judge them from their own bytes
+        try:
+            with _open(path, advance) as f:
+                data = f.read()
+        except (OSError, EOFError, gzip.BadGzipFile):
+            data = b"\x00"
+        state = _classify(data[:SNIFF]) if not src.explicit else "ok"
+        if state != "ok":
+            stats.sources[src.label]["documents_in"] += 1
+            stats.drop(state, src.label)
+            return
+        yield [normalize_chars(data.decode("utf-8", errors="replace"))], None
+        return
+    if not src.explicit:
+        state = sniff(path)
+        if state != "ok":
+            stats.sources[src.label]["documents_in"] += 1
+            stats.drop(state, src.label)
+            advance(path.stat().st_size)
+            return
+    with _open(path, advance) as f:
+        for pieces in _split_blocks(f, src.unit):
+            yield pieces, None
+
+
+def _tags_of(record: dict[str, Any]) -> dict[str, str]:
+    tags = {}
+    for k, v in record.items():
+        if k == "text" or isinstance(v, bool) or not isinstance(v, (str, int)):
+            continue
+        v = str(v).strip()
+        if v and len(v) <= _TAG_MAX_CHARS and "\n" not in v:
+            tags[k] = v
+    return tags
+
+
+def _read_jsonl(src: Source, path: Path, advance: Callable[[int], None], stats: Stats) -> Iterator[Batch]:
+    texts: list[str] = []
+    tags: list[dict[str, str]] = []
+    with _open(path, advance) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                stats.malformed(f"{path.name}:{lineno}")
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                stats.malformed(f"{path.name}:{lineno}")
+                continue
+            texts.append(normalize_chars(record["text"]))
+            tags.append(_tags_of(record))
+            if len(texts) == 1024:
+                yield texts, tags
+                texts, tags = [], []
+    if texts:
+        yield texts, tags
+
+
+def _read_leipzig(src: Source, path: Path, advance: Callable[[int], None], stats: Stats) -> Iterator[Batch]:
+    """Leipzig Wortschatz archives: `<corpus>/<corpus>-sentences.txt` holds `id<TAB>sentence` lines."""
+    found = False
+    try:
+        with _Counting(open(path, "rb"), advance) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for member in tar:  # streaming mode: members come in archive order, read once
+                if not (member.isfile() and member.name.endswith("-sentences.txt")):
+                    continue
+                found = True
+                f = tar.extractfile(member)
+                assert f is not None
+                for lines in _split_blocks(f, "line", strip_ids=True):
+                    yield lines, None
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError) as e:
+        raise UserError(f"{path} is not a readable tar archive ({e}); check the file or download it again.") from None
+    if not found:
+        raise UserError(
+            f"{path} holds no Leipzig '*-sentences.txt' file; give a Leipzig corpus archive or the text itself."
+        )
+
+
+READERS = {"text": _read_text, "jsonl": _read_jsonl, "leipzig": _read_leipzig}
+
+
+# --------------------------------------------------------------------------------------------------
+# statistics
+
+
+@dataclass
+class Stats:
+    docs: Counter = field(default_factory=Counter)  # per split
+    chars: Counter = field(default_factory=Counter)
+    bytes: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
+    duplicates: int = 0
+    undecodable_bytes: int = 0
+    malformed_lines: int = 0
+    malformed_examples: list[str] = field(default_factory=list)
+    sources: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    tags: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+
+    def drop(self, reason: str, label: str) -> None:
+        self.dropped[reason] += 1
+        if label:
+            self.sources[label]["dropped"] += 1
+
+    def malformed(self, where: str) -> None:
+        self.malformed_lines += 1
+        if len(self.malformed_examples) < 20:
+            self.malformed_examples.append(where)
+
+
+def _process_batch(
+    cfg: PrepareConfig,
+    texts: list[str],
+    tags: list[dict[str, str]] | None,
+    single: bool,
+    seen: set[int],
+    sinks: dict[str, IO[str]],
+    fmt: str,
+    stats: Stats,
+    per_src: Counter,
+) -> None:
+    """Filters, de-dup and split for one batch of normalised texts: the hot loop, kept flat."""
+    val_cut = cfg.val_fraction * 2**64
+    lo, hi, max_bad = cfg.min_chars, cfg.max_chars, cfg.max_bad_fraction
+    dedup = cfg.dedup
+    out: dict[str, list[str]] = {"train": [], "val": []}
+    docs_in = dups = bad_total = 0
+    nbytes = {"train": 0, "val": 0}
+    nchars = {"train": 0, "val": 0}
+    maybe_bad = any("\ufffd" in t for t in texts) if len(texts) < 64 else "\ufffd" in "".join(texts)
+    for i, text in enumerate(texts):
+        if single:
+            text = text.strip(" ")
+            if not text:  # a blank line: a separator, not a document
+                continue
+        else:
+            text = tidy(text, False)
+        docs_in += 1
+        bad = 0
+        if maybe_bad and "\ufffd" in text:
+            bad = text.count("\ufffd")
+            text = text.replace("\ufffd", "")
+            bad_total += bad
+            if not single:
+                text = tidy(text, False)
+        n = len(text)
+        if bad or not lo <= n <= hi:
+            reason = (
+                "empty" if not n
+                else "undecodable" if bad > max_bad * n
+                else "too_short" if n < lo
+                else "too_long" if n > hi
+                else None
+            )
+            if reason:
+                stats.drop(reason, "")
+                per_src["dropped"] += 1
+                continue
+        raw = text.encode("utf-8")
+        h = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+        if dedup:
+            if h in seen:
+                dups += 1
+                continue
+            seen.add(h)
+        split = "val" if h < val_cut else "train"
+        if fmt == "jsonl":
+            record = {"text": text, **tags[i]} if tags else {"text": text}
+            out[split].append(json.dumps(record, ensure_ascii=False) + "\n")
+            for k, v in record.items():
+                if k != "text":
+                    stats.tags[k][v] += 1
+        else:
+            out[split].append(text + "\n" + DOC_SEP + "\n")
+        nbytes[split] += len(raw)
+        nchars[split] += n
+    for split, lines in out.items():
+        if lines:
+            sinks[split].write("".join(lines))
+        stats.docs[split] += len(lines)
+        stats.bytes[split] += nbytes[split]
+        stats.chars[split] += nchars[split]
+    stats.duplicates += dups
+    stats.undecodable_bytes += bad_total
+    per_src["documents_in"] += docs_in
+    per_src["documents_kept"] += len(out["train"]) + len(out["val"])
+    per_src["duplicates"] += dups
+
+
+def process(cfg: PrepareConfig, sources: list[Source], sinks: dict[str, IO[str]], fmt: str) -> Stats:
+    """Stream every source through cleaning, filters and de-dup into the train/val sinks."""
+    stats = Stats()
+    seen: set[int] = set()
+    total = sum(p.stat().st_size for s in sources for p in s.files)
+    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("preparing", total=total)
+
+        def advance(n: int) -> None:
+            progress.advance(task, n)
+
+        for src in sources:
+            progress.update(task, description=f"preparing {src.label}")
+            single = src.kind == "leipzig" or src.unit == "line"
+            per_src = stats.sources[src.label]
+            for path in src.files:
+                per_src["bytes_in"] += path.stat().st_size
+                for texts, tags in READERS[src.kind](src, path, advance, stats):
+                    _process_batch(cfg, texts, tags, single, seen, sinks, fmt, stats, per_src)
+    return stats
+
+
+def prepare(cfg: PrepareConfig) -> tuple[Path, dict[str, Any]]:
+    """Run the whole preparation; returns the dataset folder and its stats (also in stats.json)."""
+    out_root = Path(cfg.out_dir)
+    sources = resolve_inputs(cfg, out_root / "raw")
+    name = cfg.name or default_name(cfg.inputs)
+    out = out_root / name
+    fmt = "jsonl" if any(s.kind == "jsonl" for s in sources) else "text"
+    ext = ".jsonl" if fmt == "jsonl" else ".txt"
+    start = time.perf_counter()
+    # Both splits go to temp files that replace the old ones only once everything succeeded.
+    with atomic_open(out / f"train{ext}", "w", encoding="utf-8") as ftrain, atomic_open(
+        out / f"val{ext}", "w", encoding="utf-8"
+    ) as fval:
+        stats = process(cfg, sources, {"train": ftrain, "val": fval}, fmt)
+        if stats.docs["train"] == 0:
+            dropped = ", ".join(f"{n} {r}" for r, n in stats.dropped.items()) or "none"
+            raise UserError(
+                f"the corpus is empty after cleaning ({stats.duplicates} duplicates, dropped: {dropped}); "
+                "give more text or relax --min-chars / --max-bad-fraction."
+            )
+    seconds = time.perf_counter() - start
+    for stale in ("train.txt", "val.txt", "train.jsonl", "val.jsonl"):
+        if not stale.endswith(ext) and (out / stale).exists():
+            (out / stale).unlink()
+    bytes_in = sum(c["bytes_in"] for c in stats.sources.values())
+    summary = {
+        "format": fmt,
+        "doc_separator": None if fmt == "jsonl" else DOC_SEP,
+        "inputs": cfg.inputs or ["stdlib"],
+        "documents": dict(stats.docs),
+        "characters": dict(stats.chars),
+        "bytes": dict(stats.bytes),
+        "input_bytes": bytes_in,
+        "duplicates_removed": stats.duplicates,
+        "dropped": dict(stats.dropped),
+        "undecodable_bytes": stats.undecodable_bytes,
+        "malformed_lines": stats.malformed_lines,
+        "malformed_examples": stats.malformed_examples,
+        "sources": {k: dict(v) for k, v in stats.sources.items()},
+        "tags": {k: dict(v.most_common()) for k, v in stats.tags.items()},
+        "val_fraction": cfg.val_fraction,
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(bytes_in / 1e6 / max(seconds, 1e-9), 2),
+    }
+    for split in ("train", "val"):
+        summary["documents"].setdefault(split, 0)
+        summary["characters"].setdefault(split, 0)
+        summary["bytes"].setdefault(split, 0)
+    write_json(out / "stats.json", summary)
+    return out, summary
+
+
+def default_name(inputs: list[str]) -> str:
+    if not inputs or inputs == ["stdlib"]:
+        return "stdlib"
+    first = inputs[0].rstrip("/").split("?")[0].split("/")[-1] or "corpus"
+    for suffix in (".gz", ".tgz", ".tar", ".jsonl", ".ndjson", ".txt"):
+        first = first.removesuffix(suffix)
+    name = re.sub(r"[^\w.-]+", "_", first).strip("._") or "corpus"
+    return name if len(inputs) == 1 else f"{name}_plus{len(inputs) - 1}"
+
+
+def stats_table(summary: dict[str, Any]) -> Table:
+    t = Table(title="prepared corpus", show_lines=False)
+    for col in ("source", "docs in", "kept", "dup", "dropped", "bytes in"):
+        t.add_column(col, justify="left" if col == "source" else "right")
+    for label, c in summary["sources"].items():
+        t.add_row(label, f"{c.get('documents_in', 0):,}", f"{c.get('documents_kept', 0):,}",
+                  f"{c.get('duplicates', 0):,}", f"{c.get('dropped', 0):,}", human_bytes(c.get("bytes_in", 0)))
+    t.add_section()
+    for split in ("train", "val"):
+        t.add_row(f"[bold]{split}[/]", "", f"{summary['documents'][split]:,}", "", "",
+                  f"{summary['characters'][split]:,} chars / {human_bytes(summary['bytes'][split])}")
+    drops = ", ".join(f"{r}={n}" for r, n in summary["dropped"].items()) or "none"
+    t.caption = (
+        f"duplicates removed {summary['duplicates_removed']:,} | dropped: {drops} | undecodable bytes "
+        f"{summary['undecodable_bytes']:,} | malformed lines {summary['malformed_lines']:,} | "
+        f"{summary['seconds']:.2f}s, {summary['mb_per_s']:.1f} MB/s"
+    )
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# reading prepared documents back
+
+
+def iter_documents(dataset: Path, split: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """(text, tags) for each document of a prepared split, streamed."""
+    jsonl, txt = dataset / f"{split}.jsonl", dataset / f"{split}.txt"
+    if jsonl.exists():
+        with open(jsonl, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                text = record.pop("text")
+                yield text, record
+    elif txt.exists():
+        with open(txt, encoding="utf-8", newline="\n") as f:
+            lines: list[str] = []
+            for line in f:
+                if line == DOC_SEP + "\n":
+                    yield "".join(lines)[:-1], {}
+                    lines = []
+                else:
+                    lines.append(line)
+    else:
+        raise UserError(f"{dataset} has no {split}.txt or {split}.jsonl; run 01_prepare_data.py first.")
+
+
+# --------------------------------------------------------------------------------------------------
+# downloads
+
+
+def download(url: str, raw_dir: Path, retries: int = 5, timeout: float = 30.0) -> Path:
+    """Fetch `url` into raw_dir with a progress bar; resumes a cut download; cached with its sha256."""
+    base = url.split("?")[0].rstrip("/").split("/")[-1] or "download"
+    dest = raw_dir / f"{hashlib.sha1(url.encode()).hexdigest()[:10]}-{base}"
+    sidecar = dest.with_name(dest.name + ".sha256")
+    if dest.exists() and sidecar.exists():
+        if sidecar.read_text().split()[0] == sha256_file(dest):
+            console.print(f"[dim]using cached download {dest}[/]")
+            return dest
+        console.print(f"[yellow]cached {dest} fails its checksum; downloading again[/]")
+        dest.unlink()
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    last_error = ""
+    for attempt in range(retries):
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"User-Agent": "minigpt/0.1"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+                if have and resp.status != 206:  # server ignored the range: start over
+                    have = 0
+                length = resp.headers.get("Content-Length")
+                total = have + int(length) if length is not None else None
+                with open(part, "ab" if have else "wb") as f, Progress(
+                    TextColumn(f"downloading {base}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=console, transient=True,
+                ) as progress:
+                    task = progress.add_task("dl", total=total, completed=have)
+                    while chunk := resp.read(1 << 16):
+                        f.write(chunk)
+                        progress.advance(task, len(chunk))
+            if total is not None and part.stat().st_size < total:
+                last_error = f"connection closed at {part.stat().st_size} of {total} bytes"
+                continue
+            digest = sha256_file(part)
+            os.replace(part, dest)
+            with atomic_open(sidecar, "w") as f:
+                f.write(f"{digest}  {url}\n")
+            return dest
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # our partial file is already whole, or stale: start over
+                part.unlink()
+                continue
+            raise UserError(f"downloading {url} failed with HTTP {e.code} {e.reason}; check the URL.") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            last_error = str(getattr(e, "reason", e))
+        if attempt + 1 < retries:
+            time.sleep(min(2**attempt * 0.25, 4))
+    raise UserError(
+        f"could not download {url} ({last_error}); check the address and network, then run again: "
+        "the partial download resumes."
+    )

@@ -1,0 +1,353 @@
+"""Tokenizers and token shards (the library behind 02_train_tokenizer.py).
+
+Two kinds, both saved as one Hugging Face `tokenizer.json`:
+- byte-level BPE: a GPT-4-style pre-tokenizer split in which every Unicode letter (Cyrillic and
+  Tatar ә ө ү җ ң һ as much as Latin) is a letter, so no byte sequence is ever unknown;
+- characters: one token per character seen in train, with byte fallback for anything unseen.
+
+Shards are flat little-endian uint16 arrays (uint32 when the vocab needs it), documents separated
+by <|endoftext|>, with `meta.json` beside them; meta.json is written last and is the commit point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .common import UserError, console, human_bytes, human_count, read_json, sha256_file, write_json
+from .config import TokenizerConfig
+from .corpus import iter_documents
+
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+FORMAT_VERSION = 1
+# GPT-4's split with letters widened to letters + combining marks; numbers in groups of at most 3.
+SPLIT_PATTERN = (
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+BATCH_CHARS = 4 << 20  # characters of text encoded per encode_batch call
+
+
+def tag_token(field: str, value: str) -> str:
+    return f"<|{field}={value}|>"
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+
+
+def _train_texts(data: Path, max_chars: int) -> Iterator[str]:
+    used = 0
+    for text, _ in iter_documents(data, "train"):
+        yield text
+        used += len(text)
+        if used >= max_chars:
+            return
+
+
+def choose_tags(stats: dict[str, Any], max_values: int) -> tuple[list[str], list[str]]:
+    """Tag special tokens for the fields with at most `max_values` distinct values (others are ids)."""
+    tokens, skipped = [], []
+    for field, values in sorted(stats.get("tags", {}).items()):
+        if len(values) > max_values:
+            skipped.append(field)
+            continue
+        tokens += [tag_token(field, v) for v in sorted(values)]
+    return tokens, skipped
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, specials: list[str], min_frequency: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def train_char(texts: Iterable[str], specials: list[str]) -> Tokenizer:
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(text)
+    chars = sorted(counts, key=lambda c: (-counts[c], c))
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    vocab = {tok: i for i, tok in enumerate([*specials, *chars, *byte_tokens])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    # Splitting at blanks only makes encoding faster (repeated words hit the cache); it changes nothing.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(specials)
+    return tok
+
+
+# --------------------------------------------------------------------------------------------------
+# shards
+
+
+class ShardWriter:
+    """Appends token arrays to `<split>_NNNN.bin` files of at most `shard_tokens` tokens each.
+
+    Files are written under temporary names; `commit` renames them into place.
+    """
+
+    def __init__(self, folder: Path, split: str, shard_tokens: int, dtype: np.dtype) -> None:
+        self.folder, self.split, self.cap, self.dtype = folder, split, shard_tokens, dtype
+        self.shards: list[dict[str, Any]] = []
+        self.f: Any = None
+
+    def _tmp(self, i: int) -> Path:
+        return self.folder / f".{self.split}_{i:04d}.bin.tmp"
+
+    def write(self, arr: np.ndarray) -> None:
+        while arr.size:
+            if self.f is None or self.shards[-1]["tokens"] == self.cap:
+                if self.f is not None:
+                    self.f.close()
+                self.shards.append({"file": f"{self.split}_{len(self.shards):04d}.bin", "tokens": 0})
+                self.f = open(self._tmp(len(self.shards) - 1), "wb")
+            room = self.cap - self.shards[-1]["tokens"]
+            part, arr = arr[:room], arr[room:]
+            part.astype(self.dtype.newbyteorder("<"), copy=False).tofile(self.f)
+            self.shards[-1]["tokens"] += int(part.size)
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            self.f = None
+
+    def commit(self) -> None:
+        for i, shard in enumerate(self.shards):
+            os.replace(self._tmp(i), self.folder / shard["file"])
+
+    def discard(self) -> None:
+        self.close()
+        for i in range(len(self.shards)):
+            with contextlib.suppress(FileNotFoundError):
+                self._tmp(i).unlink()
+
+
+def _batches(docs: Iterable[tuple[str, dict[str, str]]]) -> Iterator[list[tuple[str, dict[str, str]]]]:
+    batch: list[tuple[str, dict[str, str]]] = []
+    size = 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc[0])
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def encode_split(
+    tok: Tokenizer, data: Path, split: str, writer: ShardWriter, tag_ids: dict[str, int], eot: int,
+    progress: Progress, total_chars: int,
+) -> dict[str, int]:
+    """Encode every document of a split into the writer; returns its token, byte and document counts."""
+    task = progress.add_task(f"encoding {split}", total=total_chars)
+    tokens = nbytes = docs = 0
+    for batch in _batches(iter_documents(data, split)):
+        encodings = tok.encode_batch_fast([text for text, _ in batch], add_special_tokens=False)
+        ids: list[int] = []
+        for (text, tags), enc in zip(batch, encodings, strict=True):
+            if tags:
+                ids += [tag_ids[t] for k, v in sorted(tags.items()) if (t := tag_token(k, v)) in tag_ids]
+            ids += enc.ids
+            ids.append(eot)
+            nbytes += len(text.encode("utf-8"))
+        arr = np.array(ids, dtype=np.uint32)
+        writer.write(arr)
+        tokens += arr.size
+        docs += len(batch)
+        progress.advance(task, sum(len(t) for t, _ in batch))
+    return {"tokens": tokens, "bytes": nbytes, "documents": docs}
+
+
+def check_roundtrip(tok: Tokenizer, data: Path, limit: int) -> dict[str, Any]:
+    """decode(encode(doc)) == doc on up to `limit` val documents."""
+    docs = [text for text, _ in itertools.islice(iter_documents(data, "val"), limit)]
+    failures = []
+    for start in range(0, len(docs), 512):
+        chunk = docs[start : start + 512]
+        encoded = tok.encode_batch_fast(chunk, add_special_tokens=False)
+        decoded = tok.decode_batch([e.ids for e in encoded], skip_special_tokens=False)
+        failures += [i + start for i, (a, b) in enumerate(zip(chunk, decoded, strict=True)) if a != b]
+    return {"checked": len(docs), "failures": len(failures), "first_failure": failures[0] if failures else None}
+
+
+# --------------------------------------------------------------------------------------------------
+# the whole step
+
+
+@dataclass
+class TokenizerResult:
+    out: Path
+    meta: dict[str, Any]
+
+
+def build(cfg: TokenizerConfig) -> TokenizerResult:
+    data = Path(cfg.data)
+    stats = read_json(data / "stats.json", "dataset stats") if data.is_dir() else None
+    if stats is None or not any((data / f"train{e}").exists() for e in (".txt", ".jsonl")):
+        raise UserError(f"{data} is not a prepared dataset; run 01_prepare_data.py first (or check --data).")
+    kind = "char" if cfg.char else "bpe"
+    out = Path(cfg.out) if cfg.out else data / ("char" if cfg.char else f"bpe{cfg.vocab_size}")
+    out.mkdir(parents=True, exist_ok=True)
+    tag_tokens, skipped_tags = choose_tags(stats, cfg.max_tag_values)
+    if skipped_tags:
+        console.print(f"[yellow]tags with more than {cfg.max_tag_values} values get no token: {skipped_tags}[/]")
+    specials = [EOT, PAD, *tag_tokens]
+
+    start = time.perf_counter()
+    with console.status(f"training {kind} tokenizer on {data}/train ..."):
+        texts = _train_texts(data, cfg.max_train_chars)
+        if cfg.char:
+            tok = train_char(texts, specials)
+        else:
+            tok = train_bpe(texts, cfg.vocab_size, specials, cfg.min_frequency)
+    train_seconds = time.perf_counter() - start
+    vocab_size = tok.get_vocab_size()
+    if not cfg.char and vocab_size < cfg.vocab_size:
+        raise UserError(
+            f"the corpus only supports {vocab_size} tokens, fewer than --vocab-size {cfg.vocab_size}; "
+            f"use --vocab-size {vocab_size} or less, or add text."
+        )
+    dtype = np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+    if dtype == np.uint32:
+        console.print(f"[yellow]vocab {vocab_size} does not fit uint16: shards use uint32[/]")
+    eot, pad = tok.token_to_id(EOT), tok.token_to_id(PAD)
+    tag_ids = {t: tok.token_to_id(t) for t in tag_tokens}
+
+    # Inside documents, text that looks like a special token is ordinary text.
+    tok.encode_special_tokens = True
+    start = time.perf_counter()
+    splits: dict[str, Any] = {}
+    writers = {s: ShardWriter(out, s, cfg.shard_tokens, dtype) for s in ("train", "val")}
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            for split, writer in writers.items():
+                splits[split] = encode_split(
+                    tok, data, split, writer, tag_ids, eot, progress, stats["characters"][split]
+                )
+                writer.close()
+                splits[split]["shards"] = writer.shards
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
+    encode_seconds = time.perf_counter() - start
+    tok.encode_special_tokens = False
+
+    roundtrip = check_roundtrip(tok, data, cfg.check_docs)
+
+    # Commit: invalidate the old meta, move shards in, drop stale shards, write tokenizer then meta.
+    with contextlib.suppress(FileNotFoundError):
+        (out / "meta.json").unlink()
+    keep = {s["file"] for w in writers.values() for s in w.shards}
+    for w in writers.values():
+        w.commit()
+    for old in out.glob("*.bin"):
+        if old.name not in keep:
+            old.unlink()
+    tok.save(str(out / "tokenizer.json"))
+    total_bytes = splits["train"]["bytes"] + splits["val"]["bytes"]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "dtype": dtype.name,
+        "vocab_size": vocab_size,
+        "eot_id": eot,
+        "pad_id": pad,
+        "tags": tag_ids,
+        "tokenizer_sha256": sha256_file(out / "tokenizer.json"),
+        "dataset": str(data),
+        "splits": splits,
+        "bytes_per_token": {
+            s: round(splits[s]["bytes"] / max(splits[s]["tokens"], 1), 4) for s in ("train", "val")
+        },
+        "roundtrip": roundtrip,
+        "train_seconds": round(train_seconds, 2),
+        "encode_seconds": round(encode_seconds, 2),
+        "encode_mb_per_s": round(total_bytes / 1e6 / max(encode_seconds, 1e-9), 2),
+        "config": {k: v for k, v in vars(cfg).items()},
+    }
+    write_json(out / "meta.json", meta)
+    if roundtrip["failures"]:
+        raise UserError(
+            f"decode(encode(doc)) differs from the document for {roundtrip['failures']} of "
+            f"{roundtrip['checked']} val documents (first: #{roundtrip['first_failure']}); please report it."
+        )
+    return TokenizerResult(out, meta)
+
+
+def summary_table(meta: dict[str, Any]) -> Table:
+    t = Table(title=f"{meta['kind']} tokenizer, vocab {meta['vocab_size']:,} ({meta['dtype']})")
+    for col in ("split", "documents", "tokens", "bytes", "bytes/token", "shards"):
+        t.add_column(col, justify="left" if col == "split" else "right")
+    for s in ("train", "val"):
+        sp = meta["splits"][s]
+        t.add_row(s, f"{sp['documents']:,}", human_count(sp["tokens"]), human_bytes(sp["bytes"]),
+                  f"{meta['bytes_per_token'][s]:.3f}", str(len(sp["shards"])))
+    rt = meta["roundtrip"]
+    t.caption = (
+        f"trained in {meta['train_seconds']:.1f}s | encoded at {meta['encode_mb_per_s']:.2f} MB/s "
+        f"({meta['encode_seconds']:.1f}s) | round trip exact on {rt['checked'] - rt['failures']:,}/"
+        f"{rt['checked']:,} val documents"
+    )
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def find_tokenized(path: str | Path) -> Path:
+    """A tokenized folder (holding meta.json), or a dataset folder with one such folder inside."""
+    path = Path(path)
+    if (path / "meta.json").exists():
+        return path
+    if not path.exists():
+        raise UserError(f"{path} does not exist; run 02_train_tokenizer.py or check --data.")
+    candidates = sorted((p for p in path.iterdir() if (p / "meta.json").exists()), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UserError(f"{path} holds no token shards (meta.json); run 02_train_tokenizer.py --data {path}.")
+    if len(candidates) > 1:
+        console.print(f"[dim]{path} has several tokenizations; using the newest, {candidates[-1].name}[/]")
+    return candidates[-1]
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"tokenizer {path} does not exist; run 02_train_tokenizer.py first.")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON
+        raise UserError(f"tokenizer {path} cannot be read ({e}); run 02_train_tokenizer.py again.") from None

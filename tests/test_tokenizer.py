@@ -1,0 +1,120 @@
+"""02_train_tokenizer.py and minigpt.tokenizer: round trips, shards, meta, tags, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ENGLISH, RUSSIAN, TATAR, assert_user_error, run_script, shared_corpus, toy_documents
+
+from minigpt.common import UserError
+from minigpt.config import PrepareConfig, TokenizerConfig
+from minigpt.corpus import iter_documents, prepare
+from minigpt.tokenizer import EOT, SPLIT_PATTERN, build, load_tokenizer
+
+HARD = [
+    ENGLISH, RUSSIAN, TATAR,
+    "Эмодзи 😀👩‍👩‍👧 и флаг 🇹🇷; CJK 漢字かな; combining é; math ∑∫√; tab\there",
+    "stray bytes decoded as \ufffd stay \ufffd; NUL-free; <|endoftext|> typed by a person",
+    "    def f(x):\n        return x ** 2  # code keeps indentation\n",
+    "һәм җәй өчен үзәк, ә ө ү җ ң һ Ә Ө Ү Җ Ң Һ",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("tok")
+    corpus = tmp / "toy.txt"
+    corpus.write_text("\n\n".join(toy_documents(300)) + "\n", encoding="utf-8")
+    out, _ = prepare(PrepareConfig(inputs=[str(corpus)], out_dir=str(tmp / "data"), val_fraction=0.1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bpe(dataset: Path) -> Path:
+    return build(TokenizerConfig(data=str(dataset), vocab_size=400, shard_tokens=2048)).out
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_roundtrip_any_text(dataset: Path, bpe: Path, kind: str) -> None:
+    out = bpe if kind == "bpe" else build(TokenizerConfig(data=str(dataset), char=True)).out
+    tok = load_tokenizer(out / "tokenizer.json")
+    tok.encode_special_tokens = True
+    for text in HARD:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert tok.decode(ids, skip_special_tokens=False) == text
+        assert tok.token_to_id(EOT) not in ids  # typed special tokens are text, not separators
+    assert tok.get_vocab_size() < 65536
+
+
+def test_letters_of_every_script_stay_words() -> None:
+    from tokenizers import Regex, pre_tokenizers
+
+    split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
+    words = [w for w, _ in split.pre_tokenize_str("Әнием җырлый һәм көлә, mother sings")]
+    assert words == ["Әнием", " җырлый", " һәм", " көлә", ",", " mother", " sings"]
+
+
+def test_shards_meta_and_memmap_agree(dataset: Path, bpe: Path) -> None:
+    meta = json.loads((bpe / "meta.json").read_text())
+    tok = load_tokenizer(bpe / "tokenizer.json")
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 400 == tok.get_vocab_size()
+    assert meta["tokenizer_sha256"] and meta["roundtrip"]["failures"] == 0
+    for split in ("train", "val"):
+        info = meta["splits"][split]
+        assert len(info["shards"]) == -(-info["tokens"] // 2048) > (1 if split == "train" else 0)
+        arrays = []
+        for shard in info["shards"]:
+            path = bpe / shard["file"]
+            assert path.stat().st_size == 2 * shard["tokens"]
+            arrays.append(np.memmap(path, dtype=np.dtype("<u2"), mode="r"))
+        tokens = np.concatenate(arrays)
+        assert tokens.size == info["tokens"] and tokens.max() < meta["vocab_size"]
+        assert int((tokens == meta["eot_id"]).sum()) == info["documents"]
+        docs = [t for t, _ in iter_documents(dataset, split)]
+        assert info["bytes"] == sum(len(d.encode()) for d in docs)
+        decoded = tok.decode(tokens.tolist(), skip_special_tokens=False)
+        assert decoded == "".join(d + EOT for d in docs)  # the shards hold exactly the documents
+        assert meta["bytes_per_token"][split] == round(info["bytes"] / info["tokens"], 4)
+
+
+def test_tags_become_special_tokens_before_each_document(tmp_path: Path) -> None:
+    path = tmp_path / "tagged.jsonl"
+    rows = [{"text": f"Сүз {i} " * 5 + f"word {i}", "lang": ["tt", "ru"][i % 2], "id": f"doc-{i}"} for i in range(120)]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    data, _ = prepare(PrepareConfig(inputs=[str(path)], out_dir=str(tmp_path / "data")))
+    out = build(TokenizerConfig(data=str(data), vocab_size=300, max_tag_values=10)).out
+    meta = json.loads((out / "meta.json").read_text())
+    assert set(meta["tags"]) == {"<|lang=ru|>", "<|lang=tt|>"}  # 'id' has 120 values: not a tag
+    tokens = np.fromfile(out / meta["splits"]["train"]["shards"][0]["file"], dtype="<u2")
+    starts = np.concatenate([[0], np.flatnonzero(tokens == meta["eot_id"])[:-1] + 1])
+    assert set(tokens[starts].tolist()) == set(meta["tags"].values())
+
+
+def test_vocab_too_large_for_the_corpus(tmp_path: Path) -> None:
+    path = tmp_path / "small.txt"
+    path.write_text("\n".join(f"ab ba {i}" for i in range(50)), encoding="utf-8")
+    data, _ = prepare(PrepareConfig(inputs=[str(path)], out_dir=str(tmp_path / "data")))
+    with pytest.raises(UserError, match="only supports"):
+        build(TokenizerConfig(data=str(data), vocab_size=5000))
+    proc = run_script("02_train_tokenizer.py", "--data", str(data), "--vocab-size", "5000")
+    assert_user_error(proc, "--vocab-size", "or less")
+    assert not list(data.glob("*/*.bin")) and not list(data.glob("*/.*.tmp"))  # nothing half-written
+
+
+def test_script_errors(tmp_path: Path) -> None:
+    assert_user_error(run_script("02_train_tokenizer.py", "--data", str(tmp_path / "none")), "01_prepare_data.py")
+    assert_user_error(run_script("02_train_tokenizer.py", "--vocab-size", "100"), "--vocab-size")
+
+
+@pytest.mark.parametrize("name", ["tatar_cv.txt", "tinyshakespeare.txt"])
+def test_real_corpora_roundtrip_every_val_document(tmp_path: Path, name: str) -> None:
+    corpus = shared_corpus(name)
+    data, _ = prepare(PrepareConfig(inputs=[str(corpus)], out_dir=str(tmp_path / "data")))
+    for char in (False, True):
+        meta = build(TokenizerConfig(data=str(data), vocab_size=2048, char=char)).meta
+        rt = meta["roundtrip"]
+        assert rt["failures"] == 0 and rt["checked"] == meta["splits"]["val"]["documents"] > 300
+        assert meta["bytes_per_token"]["val"] > (2.5 if not char else 0.9)
