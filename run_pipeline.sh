@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
-# The whole job, end to end: prepare data -> train tokenizer + shards.
-#   bash run_pipeline.sh                      # the embedded default corpus (Python's standard library)
-#   bash run_pipeline.sh --input ../shared/corpora/tatar_cv.txt --name tatar --vocab-size 4096
-#   bash run_pipeline.sh --install-only       # only install what is missing (used by the test command)
+# The whole job, end to end: prepare data -> tokenizer + shards -> train -> quick test.
+#   bash run_pipeline.sh                          # the built-in corpus (Python's standard library)
+#   bash run_pipeline.sh --input ../shared/corpora/tatar_cv.txt --name tatar --vocab-size 4096 --preset small
+#   bash run_pipeline.sh --max-steps 200 -- --lr 3e-3   # options after -- go to 03_train.py as they are
+#   bash run_pipeline.sh --install-only           # only install what is missing (part of the test command)
+# Options: --input PATH|URL (repeatable), --name, --preset, --device, --max-steps, --max-minutes,
+#          --vocab-size, --char, --data-dir, --runs-dir, --install-only.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
-INPUT=() NAME="" VOCAB=8192 CHAR="" INSTALL_ONLY=""
+INPUT=() NAME="" PRESET="" DEVICE=auto MAX_STEPS="" MAX_MINUTES="" VOCAB=8192 CHAR="" INSTALL_ONLY=""
+DATA_DIR=data RUNS_DIR=runs EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --input) INPUT+=("$2"); shift 2 ;;
     --name) NAME="$2"; shift 2 ;;
+    --preset) PRESET="$2"; shift 2 ;;
+    --device) DEVICE="$2"; shift 2 ;;
+    --max-steps) MAX_STEPS="$2"; shift 2 ;;
+    --max-minutes) MAX_MINUTES="$2"; shift 2 ;;
     --vocab-size) VOCAB="$2"; shift 2 ;;
-    --char) CHAR="--char"; shift ;;
+    --char) CHAR=1; shift ;;
+    --data-dir) DATA_DIR="$2"; shift 2 ;;
+    --runs-dir) RUNS_DIR="$2"; shift 2 ;;
     --install-only) INSTALL_ONLY=1; shift ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "run_pipeline.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -32,13 +43,33 @@ if ! "$PY" -c "import importlib.metadata as m; m.version('minigpt'); import pyte
 fi
 [[ -n "$INSTALL_ONLY" ]] && exit 0
 
-NAME=${NAME:-stdlib}
-echo "== 1/2 prepare data"
-"$PY" 01_prepare_data.py "${INPUT[@]}" --name "$NAME"
-echo "== 2/2 tokenizer and token shards"
-if [[ -n "$CHAR" ]]; then
-  "$PY" 02_train_tokenizer.py --data "data/$NAME" --char
+# Defaults sized to finish in about 8 minutes on 2 CPU cores, or a bigger model on a GPU.
+if [[ "$DEVICE" == cuda* ]] || { [[ "$DEVICE" == auto ]] && "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; }; then
+  PRESET=${PRESET:-medium}
+  TRAIN=(--batch-size 64 --lr 1e-3 --warmup-steps 200 --max-steps "${MAX_STEPS:-3000}" --eval-every 500)
 else
-  "$PY" 02_train_tokenizer.py --data "data/$NAME" --vocab-size "$VOCAB"
+  PRESET=${PRESET:-tiny}
+  TRAIN=(--batch-size 16 --lr 2e-3 --warmup-steps 50 --max-steps "${MAX_STEPS:-900}" --eval-every 300
+         --max-minutes "${MAX_MINUTES:-6.5}")
 fi
-echo "== done: token shards in data/$NAME/"
+[[ -n "$MAX_MINUTES" ]] && TRAIN+=(--max-minutes "$MAX_MINUTES")
+
+# ${A[@]+"${A[@]}"}: an empty array is fine under set -u, even in macOS's bash 3.2
+NAME=${NAME:-$("$PY" -c "import sys; from minigpt.corpus import default_name; print(default_name(sys.argv[1:]))" ${INPUT[@]+"${INPUT[@]}"})}
+TOKENS="$DATA_DIR/$NAME/$([[ -n "$CHAR" ]] && echo char || echo "bpe$VOCAB")"
+RUN="$NAME-$PRESET"
+
+echo "== 1/4 prepare data -> $DATA_DIR/$NAME"
+"$PY" 01_prepare_data.py ${INPUT[@]+"${INPUT[@]}"} --name "$NAME" --out-dir "$DATA_DIR"
+echo "== 2/4 tokenizer and token shards -> $TOKENS"
+if [[ -n "$CHAR" ]]; then
+  "$PY" 02_train_tokenizer.py --data "$DATA_DIR/$NAME" --char
+else
+  "$PY" 02_train_tokenizer.py --data "$DATA_DIR/$NAME" --vocab-size "$VOCAB"
+fi
+echo "== 3/4 train -> $RUNS_DIR/$RUN"
+"$PY" 03_train.py --data "$TOKENS" --name "$RUN" --runs-dir "$RUNS_DIR" --device "$DEVICE" --preset "$PRESET" "${TRAIN[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+echo "== 4/4 quick test"
+"$PY" quick_test.py --run "$RUNS_DIR/$RUN" --device "$DEVICE"
+echo "== done. The run is in $RUNS_DIR/$RUN/ (best/, last/, metrics.jsonl). Try:"
+echo "   minigpt generate --run $RUNS_DIR/$RUN --prompt 'def main():'"

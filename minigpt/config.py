@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,14 +90,147 @@ class TokenizerConfig:
 
 
 # --------------------------------------------------------------------------------------------------
+# the model (minigpt/model.py)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = opt(8192, help="Vocabulary size (set from the tokenizer).")
+    block_size: int = opt(256, help="Context length in tokens.")
+    n_layer: int = opt(6, help="Transformer blocks.")
+    n_head: int = opt(8, help="Attention heads per block.")
+    n_embd: int = opt(512, help="Model width (embedding dimension).")
+    mlp: str = opt("swiglu", help="MLP kind: swiglu or gelu.")
+    dropout: float = opt(0.0, help="Dropout on embeddings, attention and residual branches.")
+    tie_embeddings: bool = opt(True, help="Share the token embedding with the output head.")
+    rope_theta: float = opt(10000.0, help="RoPE base.")
+    norm_eps: float = opt(1e-5, help="RMSNorm epsilon.")
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise UserError(f"n_embd {self.n_embd} must split into {self.n_head} heads of even size.")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise UserError(f"mlp must be swiglu or gelu, got {self.mlp!r}.")
+
+    @property
+    def mlp_hidden(self) -> int:
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)  # 8/3 d keeps SwiGLU at the cost of a 4 d GELU MLP
+
+
+# Presets are data. Parameter counts below are for an 8192-token vocab, tied embeddings.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),  # ~1.9M: minutes on 2 CPU cores
+    "small": dict(n_layer=6, n_head=5, n_embd=320, block_size=256),  # ~10M
+    "medium": dict(n_layer=6, n_head=8, n_embd=512, block_size=256),  # ~23M: the Tatar reference model
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # 124M with GPT-2's 50257 vocab
+}
+
+
+def model_config(preset: str, vocab_size: int, overrides: dict[str, Any]) -> ModelConfig:
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    return ModelConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None},
+                          "vocab_size": vocab_size})
+
+
+# --------------------------------------------------------------------------------------------------
+# 03_train.py
+
+
+@dataclass
+class TrainConfig:
+    data: str = opt("data/stdlib", help="Token shards: a folder with meta.json, or a dataset folder holding one.")
+    name: str = opt("", help="Run name: checkpoints go to <runs-dir>/<name>/ (default: dataset + preset).")
+    runs_dir: str = opt("runs", help="Folder that holds the runs.")
+    preset: str = opt("tiny", help="Model shape: tiny, small, medium or gpt2 (model options override it).")
+    resume: bool = opt(False, help="Continue the run from its last checkpoint.")
+    device: str = opt("auto", help="auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu.")
+    dtype: str = opt("auto", help="auto (bf16 where supported, else fp16 with a scaler on CUDA, fp32 on CPU), bf16, fp16, fp32.")
+    compile: bool = opt(True, help="torch.compile the model (CUDA only; ignored elsewhere).")
+    seed: int = opt(1337, help="Seed for weights, batches and dropout.")
+    batch_size: int = opt(32, help="Sequences per micro-batch (per process).")
+    total_batch_tokens: int = opt(0, help="Tokens per optimizer step across processes and accumulation (0: one micro-batch per process).")
+    max_steps: int = opt(2000, help="Optimizer steps.")
+    max_minutes: float = opt(
+        0.0, help="Time budget: the LR decays by time as well as steps, then the run stops, evaluates and saves (0: none)."
+    )
+    lr: float = opt(1e-3, help="Peak learning rate.")
+    min_lr_ratio: float = opt(0.1, help="Final learning rate as a share of the peak (cosine decay).")
+    warmup_steps: int = opt(100, help="Linear warmup steps.")
+    weight_decay: float = opt(0.1, help="AdamW weight decay, on matrices only.")
+    beta1: float = opt(0.9, help="AdamW beta1.")
+    beta2: float = opt(0.95, help="AdamW beta2.")
+    grad_clip: float = opt(1.0, help="Clip the gradient norm to this (0: off).")
+    grad_checkpoint: bool = opt(False, help="Recompute activations in the backward pass to save memory.")
+    log_every: int = opt(10, help="Steps between log lines.")
+    eval_every: int = opt(200, help="Steps between evaluations on val (loss and bits per byte).")
+    eval_tokens: int = opt(262_144, help="Val tokens per evaluation (at most; the whole split if smaller).")
+    sample_every: int = opt(0, help="Steps between printed samples (0: at each evaluation).")
+    save_every: int = opt(0, help="Steps between checkpoints (0: at each evaluation).")
+    patience: int = opt(0, help="Stop after this many evaluations without a better val loss (0: never).")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}.")
+        for name in ("batch_size", "max_steps", "log_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
+
+
+# --------------------------------------------------------------------------------------------------
+# minigpt generate
+
+
+@dataclass
+class GenerateConfig:
+    prompt: list[str] = opt(factory=list, help="Prompt text; repeat the option for several prompts.")
+    run: str = opt("", help="Run folder (default: the most recent under runs/).")
+    checkpoint: str = opt("best", help="best or last.")
+    max_new_tokens: int = opt(200, help="Tokens to generate per sample.")
+    temperature: float = opt(0.8, help="Sampling temperature (0: greedy).")
+    top_k: int = opt(0, help="Keep only the k most likely tokens (0: off).")
+    top_p: float = opt(1.0, help="Keep the smallest set of tokens whose probability reaches p (1: off).")
+    repetition_penalty: float = opt(1.0, help="Divide the logits of tokens already present by this (1: off).")
+    num_samples: int = opt(1, help="Samples per prompt.")
+    seed: int = opt(1337, help="Random seed.")
+    device: str = opt("auto", help="auto (cuda > mps > cpu), cuda, mps or cpu.")
+    stream: bool = opt(True, help="Print tokens as they come (one prompt, one sample).")
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --repetition-penalty > 0.")
+        if self.max_new_tokens < 1 or self.num_samples < 1:
+            raise UserError("--max-new-tokens and --num-samples must be at least 1.")
+
+
+@dataclass
+class QuickTestConfig:
+    run: str = opt("", help="Run folder (default: the most recent under runs/).")
+    checkpoint: str = opt("best", help="best or last.")
+    data: str = opt("", help="Token shards to evaluate on (default: the ones the run was trained on).")
+    prompt: list[str] = opt(factory=list, help="Prompts (default: the start of a few val documents).")
+    temperature: list[float] = opt(factory=lambda: [0.5, 0.8, 1.0], help="Sampling temperatures to show.")
+    max_new_tokens: int = opt(80, help="Tokens per sample.")
+    sentences: int = opt(6, help="Val sentences scored for perplexity.")
+    eval_tokens: int = opt(262_144, help="Val tokens for bits per byte and the unigram baseline.")
+    device: str = opt("auto", help="auto (cuda > mps > cpu), cuda, mps or cpu.")
+    seed: int = opt(1337, help="Random seed.")
+
+
+# --------------------------------------------------------------------------------------------------
 # dataclasses -> Typer options
 
 
-def cli_command(*classes: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def cli_command(
+    *classes: type, overrides: type | None = None, skip: tuple[str, ...] = ()
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Turn `fn(cfg_a, cfg_b, ...)` into a Typer command whose options are the classes' fields.
 
-    A `UserError` raised inside (from a config check or the work itself) becomes one line on stderr
-    and exit code 2.
+    With `overrides`, that class's fields also become options, defaulting to None (the preset
+    decides), and `fn` gets a dict of them as its last argument. A `UserError` raised inside (from a
+    config check or the work itself) becomes one line on stderr and exit code 2.
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -115,6 +249,22 @@ def cli_command(*classes: type) -> Callable[[Callable[..., Any]], Callable[..., 
                 params[f.name] = inspect.Parameter(
                     f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hints[f.name]
                 )
+        override_names = []
+        if overrides is not None:
+            hints = typing.get_type_hints(overrides)
+            for f in dataclasses.fields(overrides):
+                if f.name in skip or f.name in params:
+                    continue
+                override_names.append(f.name)
+                flag = "--" + f.name.replace("_", "-")
+                if hints[f.name] is bool:
+                    names = [f"{flag}/--no-{flag[2:]}"]
+                else:
+                    names = [flag]
+                info = typer.Option(None, *names, help=f"{f.metadata['help']} [preset]", show_default=False)
+                params[f.name] = inspect.Parameter(
+                    f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=typing.Optional[hints[f.name]]  # noqa: UP045
+                )
 
         @functools.wraps(fn, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=())
         def command(**kwargs: Any) -> Any:
@@ -123,6 +273,8 @@ def cli_command(*classes: type) -> Callable[[Callable[..., Any]], Callable[..., 
                     cls(**{f.name: kwargs[f.name] for f in dataclasses.fields(cls) if f.name in kwargs})
                     for cls in classes
                 ]
+                if overrides is not None:
+                    cfgs.append({n: kwargs[n] for n in override_names if kwargs[n] is not None})
                 return fn(*cfgs)
             except UserError as e:
                 err_console.print(f"[bold red]error:[/] {e}")

@@ -1,0 +1,85 @@
+"""The `minigpt` command: generate (more commands arrive with their issues)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import typer
+
+from .common import UserError, console, err_console
+from .config import GenerateConfig, cli_command
+from .generate import Loaded, Sampling, generate, load_run
+from .train import resolve_device
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+    help="minigpt: train small GPT models from scratch. The pipeline: 01_prepare_data.py, "
+    "02_train_tokenizer.py, 03_train.py, quick_test.py (or bash run_pipeline.sh).",
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Keeps `minigpt <command>` a group even while it has one command."""
+
+
+def prompt_ids(loaded: Loaded, text: str) -> list[int]:
+    """<|endoftext|> + the prompt (a document start, as in training), left-truncated to fit the context."""
+    ids = [loaded.eot, *loaded.encode(text)]
+    room = loaded.model.cfg.block_size - 1
+    if len(ids) > room:
+        err_console.print(f"[yellow]the prompt has {len(ids)} tokens; keeping the last {room} (the context is "
+                          f"{room + 1})[/]")
+        ids = ids[-room:]
+    return ids
+
+
+class Streamer:
+    """Prints row 0's text as tokens arrive, holding back a character cut in the middle of its bytes."""
+
+    def __init__(self, loaded: Loaded) -> None:
+        self.loaded, self.shown = loaded, 0
+
+    def __call__(self, ids: list[int]) -> None:
+        ids = ids[:-1] if ids and ids[-1] == self.loaded.eot else ids
+        text = self.loaded.decode(ids)
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[self.shown :])
+        sys.stdout.flush()
+        self.shown = len(text)
+
+
+@app.command("generate")
+@cli_command(GenerateConfig)
+def generate_cmd(cfg: GenerateConfig) -> None:
+    """Sample text from a trained run (KV cache; streaming for a single sample)."""
+    device = resolve_device(cfg.device)
+    loaded = load_run(cfg.run, cfg.checkpoint, device)
+    console.print(f"[dim]{loaded.folder} | step {loaded.config.get('step')} | {device}[/]", highlight=False)
+    prompts = cfg.prompt or [""]
+    if cfg.prompt and any(not p.strip() for p in cfg.prompt):
+        raise UserError("a --prompt is empty; give some text, or leave --prompt out to sample from scratch.")
+    sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
+    stream = cfg.stream and len(prompts) == 1 and cfg.num_samples == 1
+    for i, text in enumerate(prompts):
+        ids = prompt_ids(loaded, text)
+        if stream:
+            sys.stdout.write(text)
+            generate(loaded.model, ids, cfg.max_new_tokens, sampling, 1, loaded.eot, cfg.seed, Streamer(loaded))
+            sys.stdout.write("\n")
+            continue
+        rows = generate(loaded.model, ids, cfg.max_new_tokens, sampling, cfg.num_samples, loaded.eot, cfg.seed + i)
+        for j, row in enumerate(rows):
+            console.rule(f"prompt {i + 1} sample {j + 1}")
+            console.print(text + loaded.decode(row), markup=False, highlight=False)
+
+
+def main() -> None:
+    torch.set_grad_enabled(False)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""A decoder-only GPT in one file.
+
+Departures from GPT-2, each a common modern choice:
+- rotary position embeddings (RoPE) on queries and keys instead of a learned position table;
+- RMSNorm instead of LayerNorm, applied before each sub-layer (pre-norm) and once at the end;
+- SwiGLU MLP (hidden 8/3 d, rounded to 64) by default; GELU (hidden 4 d) as an option;
+- no biases in linear layers;
+- attention through `F.scaled_dot_product_attention` (flash / memory-efficient kernels where present);
+- token embedding and output head tied by default (`tie_embeddings`);
+- residual projections initialised with std 0.02 / sqrt(2 * n_layer), as in GPT-2's paper.
+
+`KVCache` is a preallocated (static) cache for generation; `GPT.forward` with a cache processes new
+tokens at position `cache.pos`. The plain path without a cache is the reference it is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` positions, allocated once."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # positions filled so far (the same for every row of the batch)
+        self.max_len = max_len
+
+
+def rotary_tables(cfg: ModelConfig, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    head_dim = cfg.n_embd // cfg.n_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()  # (length, head_dim / 2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head's channels by position-dependent angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).transpose(1, 3).unbind(dim=2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, D)
+        if cache is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
+        else:
+            start = cache.pos
+            cache.k[layer, :B, :, start : start + T] = k
+            cache.v[layer, :B, :, start : start + T] = v
+            k, v = cache.k[layer, :B, :, : start + T], cache.v[layer, :B, :, : start + T]
+            if T == 1:  # one new token sees everything cached: no mask needed
+                y = F.scaled_dot_product_attention(q, k, v)
+            else:  # a chunk of new tokens: causal among themselves, full view of the past
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        hidden = cfg.mlp_hidden
+        self.up = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.up(x).chunk(2, dim=-1)  # one matmul for both halves
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:  # one matrix for reading and writing tokens: fewer parameters, no loss in quality
+            self.lm_head.weight = self.wte.weight
+        cos, sin = rotary_tables(cfg, cfg.block_size)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.grad_checkpoint = False
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """All initialisation in one place: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # RMSNorm gains
+                nn.init.ones_(p)
+            elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None) -> Output:
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.block_size}")
+        cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+        x = self.drop(self.wte(idx))
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpoint and self.training:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm_f(x)
+        if targets is None:
+            return Output(self.lm_head(x), None)
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+        return Output(logits, loss)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied matrix counts once
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 x the weights used in matmuls + attention scores (PaLM, appendix B).
+
+        The embedding lookup is free; the output head is a matmul whether tied or not.
+        """
+        cfg = self.cfg
+        matmul = self.num_params() - self.wte.weight.numel() + cfg.vocab_size * cfg.n_embd
+        matmul -= sum(p.numel() for n, p in self.named_parameters() if p.dim() == 1)
+        return 6 * matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size

@@ -1,0 +1,480 @@
+"""The training loop (the library behind 03_train.py): one process or many under torchrun.
+
+Exact resume: trainer_state.json holds the step, the batch sampler's generator state and torch's RNG
+states, so on CPU a resumed run logs the same losses an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.table import Table
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .checkpoint import find_checkpoint, load_model, read_trainer_state, save_checkpoint
+from .common import UserError, atomic_open, console, human_count, human_time
+from .config import ModelConfig, TrainConfig, model_config
+from .data import BatchSampler, TokenData, eval_windows
+from .generate import Sampling, generate
+from .model import GPT
+from .tokenizer import load_tokenizer
+
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU, matched against torch.cuda.get_device_name().
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
+    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12, "A6000": 155e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# device, precision, distribution
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu (or auto).")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available here; use --device cpu (or auto).")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cuda, cuda:N, mps or cpu.") from None
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # bf16 autocast is slower than fp32 on most CPUs; MPS: ask with --dtype
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("--dtype fp16 is not supported on CPU; use bf16 or fp32.")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """torchrun's environment decides: WORLD_SIZE > 1 means DDP (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), resolve_device(device_name)
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+# --------------------------------------------------------------------------------------------------
+# optimisation pieces
+
+
+def lr_at(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps.
+
+    With a time budget, progress is whichever is further along, steps or time (`time_used` is the
+    share of --max-minutes spent), so the decay completes when time runs out first.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = max(progress, min(1.0, time_used))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (and the embedding) only, never on norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def accumulation(cfg: TrainConfig, block_size: int, world: int) -> tuple[int, int]:
+    """(rows per optimizer step across all processes, micro-steps per process)."""
+    per_micro = cfg.batch_size * world
+    if not cfg.total_batch_tokens:
+        return per_micro, 1
+    rows, rest = divmod(cfg.total_batch_tokens, block_size)
+    if rest or rows % per_micro:
+        raise UserError(
+            f"--total-batch-tokens {cfg.total_batch_tokens} must be a multiple of block_size x batch_size x "
+            f"processes = {block_size} x {cfg.batch_size} x {world} = {block_size * per_micro}."
+        )
+    return rows, rows // per_micro
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, data: TokenData, windows: list[tuple[int, int]], block_size: int, batch_size: int,
+    device: torch.device, dtype: torch.dtype, d: Dist,
+) -> tuple[float, float]:
+    """(mean val loss in nats per token, bits per byte) over fixed windows shared across processes."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, tokens
+    mine = windows[d.rank :: d.world]
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i : i + batch_size]
+        rows = np.stack([data.val.arrays[s][o : o + block_size + 1] for s, o in chunk]).astype(np.int64)
+        batch = torch.from_numpy(rows).to(device)
+        with autocast(device, dtype):
+            loss = model(batch[:, :-1], batch[:, 1:]).loss
+        total[0] += loss.double() * batch[:, 1:].numel()
+        total[1] += batch[:, 1:].numel()
+    if d.world > 1:
+        dist.all_reduce(total)
+    model.train()
+    loss = float(total[0] / total[1])
+    return loss, loss / math.log(2) / data.bytes_per_token
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+
+def train(cfg: TrainConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    d, device = init_distributed(cfg.device)
+    try:
+        return _train(cfg, overrides, d, device)
+    finally:
+        if d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.device) -> dict[str, Any]:
+    dtype = resolve_dtype(cfg.dtype, device)
+    data = TokenData(cfg.data)
+    name = cfg.name or f"{data.folder.parent.name}-{data.folder.name}-{cfg.preset}"
+    run_dir = Path(cfg.runs_dir) / name
+    tokenizer_json = data.folder / "tokenizer.json"
+
+    # The model: from the checkpoint when resuming, else preset + overrides.
+    state: dict[str, Any] = {}
+    if cfg.resume:
+        folder = find_checkpoint(run_dir, "last")
+        state = read_trainer_state(folder)
+        model, saved = load_model(folder, "cpu")
+        if saved["data"]["tokenizer_sha256"] != data.meta["tokenizer_sha256"]:
+            raise UserError(f"run {run_dir} was trained on other token data; pass the same --data to resume.")
+        mcfg = model.cfg
+    else:
+        if (run_dir / "last").exists() and d.main:
+            console.print(f"[yellow]{run_dir} already holds a run; starting over (use --resume to continue it)[/]")
+        mcfg = model_config(cfg.preset, data.vocab_size, overrides)
+        torch.manual_seed(cfg.seed)
+        model = GPT(mcfg)
+    data.check_context(mcfg.block_size)
+    model.grad_checkpoint = cfg.grad_checkpoint
+    model.to(device)
+    raw_model = model  # saved and sampled from: never the compiled or DDP wrapper
+    optimizer = make_optimizer(raw_model, cfg, device)
+    if cfg.resume:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+
+    rows_per_step, accum = accumulation(cfg, mcfg.block_size, d.world)
+    tokens_per_step = rows_per_step * mcfg.block_size
+    sampler = BatchSampler(data.train, mcfg.block_size, cfg.seed)
+    windows = eval_windows(data.val, mcfg.block_size, cfg.eval_tokens)
+    if cfg.resume:
+        sampler.set_state(state["sampler"])
+        torch.set_rng_state(torch.tensor(state["torch_rng"][d.rank % len(state["torch_rng"])], dtype=torch.uint8))
+    else:
+        torch.manual_seed(cfg.seed + d.rank)  # dropout differs per process, weights do not
+
+    if cfg.compile and device.type == "cuda":
+        model = torch.compile(model)
+    if d.world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    peak = peak_flops(device)
+    flops_per_step = raw_model.flops_per_token() * tokens_per_step
+
+    config_json = {
+        "model": dataclasses.asdict(mcfg),
+        "train": dataclasses.asdict(cfg),
+        "data": {k: data.meta[k] for k in ("kind", "vocab_size", "eot_id", "pad_id", "tokenizer_sha256", "dataset")}
+        | {"folder": str(data.folder), "bytes_per_token": data.bytes_per_token},
+    }
+    start_step = state.get("step", 0)
+    best = state.get("best_val_loss", float("inf"))
+    best_bpb = state.get("best_val_bpb", float("inf"))
+    bad_evals = state.get("bad_evals", 0)
+    elapsed_before = state.get("train_seconds", 0.0)
+    metrics_path = run_dir / "metrics.jsonl"
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _trim_metrics(metrics_path, start_step if cfg.resume else 0)
+        _print_header(cfg, mcfg, raw_model, data, device, dtype, d, rows_per_step, accum, run_dir, start_step)
+
+    def trainer_state(step: int, elapsed: float) -> dict[str, Any]:
+        rng = [torch.get_rng_state()]
+        if d.world > 1:  # each process's dropout RNG, so every process resumes its own stream
+            gathered: list[Any] = [None] * d.world
+            dist.all_gather_object(gathered, rng[0])
+            rng = gathered
+        return {
+            "step": step, "sampler": sampler.state(), "torch_rng": [r.tolist() for r in rng],
+            "best_val_loss": best, "best_val_bpb": best_bpb, "bad_evals": bad_evals,
+            "train_seconds": elapsed, "tokens_seen": step * tokens_per_step,
+        }
+
+    def save(tag: str, step: int, elapsed: float, extra: dict[str, Any] | None = None) -> None:
+        st = trainer_state(step, elapsed)  # every process joins the gather
+        if d.main:
+            cfg_out = config_json | {"step": step, **(extra or {})}
+            if tag == "last":
+                save_checkpoint(run_dir, "last", raw_model, cfg_out, tokenizer_json, optimizer, st)
+            else:
+                save_checkpoint(run_dir, tag, raw_model, cfg_out, tokenizer_json)
+
+    def log(record: dict[str, Any]) -> None:
+        if d.main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    tok = load_tokenizer(tokenizer_json) if d.main else None
+    sample_every = cfg.sample_every or cfg.eval_every
+    save_every = cfg.save_every or cfg.eval_every
+    model.train()
+    step = start_step
+    last_eval = None
+    t_start = time.perf_counter()
+    t_log, step_log = t_start, step
+    loss_sum = torch.zeros((), device=device)
+    stop_reason = "max steps"
+    interrupted = False
+    previous_handler = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum: int, frame: Any) -> None:  # finish the step, then save and stop
+        nonlocal interrupted
+        interrupted = True
+
+    if d.main:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        while step < cfg.max_steps:
+            time_used = (elapsed_before + time.perf_counter() - t_start) / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
+            if d.world > 1 and cfg.max_minutes:  # the same learning rate on every process
+                t = torch.tensor([time_used], device=device)
+                dist.broadcast(t, 0)
+                time_used = float(t)
+            lr = lr_at(step, cfg, time_used)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            shard, offset = sampler.global_batch(rows_per_step)
+            per_rank = rows_per_step // d.world
+            mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
+            batch = sampler.read(shard[mine], offset[mine])
+            if device.type == "cuda":
+                batch = batch.pin_memory()
+            batch = batch.to(device, non_blocking=True)
+            for micro in range(accum):
+                rows = batch[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
+                sync = micro == accum - 1 or d.world == 1
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
+                    loss = model(rows[:, :-1], rows[:, 1:]).loss / accum
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()  # read at log steps only: no host sync per step
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            elapsed = elapsed_before + time.perf_counter() - t_start
+            out_of_time = cfg.max_minutes and elapsed >= cfg.max_minutes * 60
+            if d.world > 1:  # every process must agree to stop
+                flags = torch.tensor([float(interrupted), float(bool(out_of_time))], device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                interrupted, out_of_time = bool(flags[0]), bool(flags[1])
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if d.world > 1:
+                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+                now = time.perf_counter()
+                steps = step - step_log
+                loss_val = loss_sum.item() / steps
+                dt = (now - t_log) / steps
+                tok_s = tokens_per_step / dt
+                mfu = flops_per_step / dt / (peak * d.world) if peak else None
+                eta = (cfg.max_steps - step) * dt
+                if d.main:
+                    console.print(
+                        f"step {step:>{len(str(cfg.max_steps))}}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | "
+                        f"norm {norm.item():.2f} | {dt * 1000:.0f}ms | {human_count(tok_s)} tok/s | "
+                        f"mfu {f'{mfu:.1%}' if mfu else '-'} | eta {human_time(eta)}"
+                    )
+                log({"step": step, "loss": round(loss_val, 6), "lr": lr, "grad_norm": round(norm.item(), 4),
+                     "ms": round(dt * 1000, 2), "tok_s": round(tok_s), "mfu": mfu})
+                loss_sum.zero_()
+                t_log, step_log = time.perf_counter(), step
+
+            final = step == cfg.max_steps or interrupted or out_of_time
+            if step % cfg.eval_every == 0 or (final and not interrupted):
+                val_loss, val_bpb = evaluate(model, data, windows, mcfg.block_size, cfg.batch_size, device, dtype, d)
+                last_eval = (val_loss, val_bpb)
+                improved = val_loss < best
+                if improved:
+                    best, best_bpb, bad_evals = val_loss, val_bpb, 0
+                else:
+                    bad_evals += 1
+                if d.main:
+                    mark = " *" if improved else ""
+                    console.print(f"[bold]eval[/] step {step} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}{mark}")
+                log({"step": step, "val_loss": round(val_loss, 6), "val_bpb": round(val_bpb, 6)})
+                if improved:
+                    save("best", step, elapsed, {"val_loss": val_loss, "val_bpb": val_bpb})
+                if cfg.patience and bad_evals >= cfg.patience:
+                    stop_reason = f"no better val loss in {cfg.patience} evaluations"
+                    final = True
+            if d.main and tok is not None and (step % sample_every == 0 or (final and not interrupted)):
+                ids = generate(raw_model, [data.meta["eot_id"]], 64, Sampling(0.8, top_k=50), eot=data.meta["eot_id"], seed=step)
+                raw_model.train()
+                console.print(f"[dim]sample:[/] {tok.decode(ids[0], skip_special_tokens=False)!r}")
+            if step % save_every == 0 or final:
+                save("last", step, elapsed)
+            if interrupted:
+                stop_reason = "interrupted"
+                break
+            if out_of_time:
+                stop_reason = f"time limit of {cfg.max_minutes:g} minutes"
+                break
+            if final:
+                break
+    finally:
+        if d.main:
+            signal.signal(signal.SIGINT, previous_handler)
+
+    elapsed = elapsed_before + time.perf_counter() - t_start
+    summary = {
+        "run": str(run_dir), "steps": step, "stop_reason": stop_reason,
+        "best_val_loss": best, "best_val_bpb": best_bpb,
+        "last_val_loss": last_eval[0] if last_eval else None,
+        "tokens_seen": step * tokens_per_step, "train_seconds": elapsed,
+        "params": raw_model.num_params(), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+    }
+    if d.main:
+        _plot(metrics_path, run_dir / "loss.png")
+        if interrupted:
+            console.print(f"[yellow]interrupted at step {step}; saved {run_dir}/last. Resume with: "
+                          f"python 03_train.py --data {cfg.data} --name {name} --resume[/]")
+    return summary
+
+
+def _trim_metrics(path: Path, keep_through: int) -> None:
+    """On resume, drop records a killed run logged after its last checkpoint (they will be redone)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = []
+    for ln in lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(ln)["step"] <= keep_through:
+                kept.append(ln)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write("".join(k + "\n" for k in kept))
+
+
+def _print_header(
+    cfg: TrainConfig, mcfg: ModelConfig, model: GPT, data: TokenData, device: torch.device, dtype: torch.dtype,
+    d: Dist, rows_per_step: int, accum: int, run_dir: Path, start_step: int,
+) -> None:
+    console.print(f"[bold]train[/] {dataclasses.asdict(cfg)}")
+    console.print(f"[bold]model[/] {dataclasses.asdict(mcfg)}")
+    console.print(
+        f"{human_count(model.num_params())} parameters | {data.folder} ({data.meta['kind']}, vocab {data.vocab_size}, "
+        f"train {human_count(data.train.tokens)} / val {human_count(data.val.tokens)} tokens) | {device} {str(dtype)[6:]}"
+        f"{' compiled' if cfg.compile and device.type == 'cuda' else ''} | {d.world} process(es) | "
+        f"{rows_per_step * mcfg.block_size:,} tokens/step = {rows_per_step} x {mcfg.block_size} ({accum} accumulation) | "
+        f"run {run_dir}" + (f" | resuming at step {start_step}" if start_step else "")
+    )
+
+
+def _plot(metrics: Path, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # optional: pip install minigpt[plot]
+    recs = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def summary_table(s: dict[str, Any]) -> Table:
+    t = Table(title="training summary")
+    t.add_column("")
+    t.add_column("", justify="right")
+    t.add_row("run", s["run"])
+    t.add_row("stopped", f"{s['stop_reason']} at step {s['steps']:,}")
+    t.add_row("best val loss", f"{s['best_val_loss']:.4f}")
+    t.add_row("best val bits/byte", f"{s['best_val_bpb']:.4f}")
+    t.add_row("tokens seen", human_count(s["tokens_seen"]))
+    t.add_row("parameters", human_count(s["params"]))
+    t.add_row("wall time", human_time(s["train_seconds"]))
+    t.add_row("device", f"{s['device']} {s['dtype']}")
+    return t

@@ -1,0 +1,84 @@
+"""Step 4: is the model any good? Samples, per-sentence perplexity, val bits per byte, and a baseline.
+
+    python quick_test.py                      # the most recent run under runs/
+    python quick_test.py --run runs/tatar --prompt "Казан шәһәре" --temperature 0.7
+
+Exits with status 1 when the model is no better than a unigram model of the training tokens.
+"""
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from rich.table import Table
+
+from minigpt.common import UserError, console
+from minigpt.config import QuickTestConfig, cli_command, script_app
+from minigpt.corpus import iter_documents
+from minigpt.data import TokenData, eval_windows
+from minigpt.generate import Sampling, generate, load_run
+from minigpt.train import Dist, evaluate, resolve_device
+
+
+@cli_command(QuickTestConfig)
+@torch.no_grad()
+def main(cfg: QuickTestConfig) -> None:
+    """Print samples, per-sentence perplexity and val bits per byte; fail if a unigram model does as well."""
+    device = resolve_device(cfg.device)
+    run = load_run(cfg.run, cfg.checkpoint, device)
+    model, block = run.model, run.model.cfg.block_size
+    data = TokenData(cfg.data or run.config["data"]["folder"])
+    if data.meta["tokenizer_sha256"] != run.config["data"]["tokenizer_sha256"]:
+        raise UserError(f"{data.folder} was encoded with another tokenizer than {run.folder}; pass matching --data.")
+    console.print(f"[bold]quick test[/] {run.folder} (step {run.config.get('step')}, {model.num_params():,} parameters) on {data.folder}")
+
+    # 1. samples: the given prompts, else the first words of a few val documents
+    dataset = Path(data.meta["dataset"])
+    val_docs = [t for t, _ in itertools.islice(iter_documents(dataset, "val"), 200)] if dataset.exists() else []
+    prompts = cfg.prompt or [" ".join(d.split(" ")[:4])[:40] for d in val_docs[:3]] or [""]
+    for i, prompt in enumerate(prompts):
+        ids = [run.eot, *run.encode(prompt)][-(block - 1) :]
+        for temp in cfg.temperature:
+            out = generate(model, ids, cfg.max_new_tokens, Sampling(temp, top_k=100), 1, run.eot, cfg.seed + i)[0]
+            console.rule(f"prompt {i + 1}, temperature {temp}")
+            console.print(prompt + run.decode(out), markup=False, highlight=False)
+
+    # 2. perplexity of a few short val sentences (the first line of a document), each from a document start
+    table = Table(title="per-sentence perplexity (val)")
+    for col in ("sentence", "tokens", "nats/token", "perplexity"):
+        table.add_column(col, justify="left" if col == "sentence" else "right")
+    lines = [d.splitlines()[0].strip() for d in val_docs if d.strip()]
+    for sentence in [s for s in lines if 10 <= len(s) <= 300][: cfg.sentences]:
+        ids = torch.tensor([[run.eot, *run.encode(sentence)][: block + 1]], device=device)
+        loss = float(model(ids[:, :-1], ids[:, 1:]).loss)
+        table.add_row(sentence[:70], str(ids.size(1) - 1), f"{loss:.3f}", f"{math.exp(loss):.1f}")
+    console.print(table)
+
+    # 3. val loss and bits per byte, against a unigram model of the training tokens on the same targets
+    windows = eval_windows(data.val, block, cfg.eval_tokens)
+    val_loss, val_bpb = evaluate(model, data, windows, block, 16, device, torch.float32, Dist())
+    counts = np.zeros(data.vocab_size, dtype=np.float64)
+    for arr in data.train.arrays:
+        counts += np.bincount(arr, minlength=data.vocab_size)
+    logp = np.log((counts + 1) / (counts.sum() + data.vocab_size))  # add-one: unseen tokens keep some mass
+    targets = np.concatenate([data.val.arrays[s][o + 1 : o + block + 1] for s, o in windows])
+    uni_loss = float(-logp[targets].mean())
+    uni_bpb = uni_loss / math.log(2) / data.bytes_per_token
+    t = Table(title=f"val, {targets.size:,} tokens")
+    for col in ("model", "loss (nats/token)", "bits per byte"):
+        t.add_column(col, justify="right")
+    t.add_row("this run", f"{val_loss:.4f}", f"{val_bpb:.4f}")
+    t.add_row("unigram baseline", f"{uni_loss:.4f}", f"{uni_bpb:.4f}")
+    console.print(t)
+    console.print(f"val_bpb {val_bpb:.4f}")
+    if val_loss >= uni_loss:
+        console.print("[bold red]the model is no better than a unigram baseline: train longer or check the data[/]")
+        raise typer.Exit(1)
+    console.print(f"[green]better than the unigram baseline by {uni_bpb - val_bpb:.3f} bits per byte[/]")
+
+
+if __name__ == "__main__":
+    script_app(main)()

@@ -1,0 +1,98 @@
+"""The model and generation: causality, KV cache vs the plain reference, sampling rules, sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigpt.config import ModelConfig, model_config
+from minigpt.generate import Sampling, generate, generate_reference, next_token
+from minigpt.model import GPT, KVCache
+
+
+def small(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=64) | kw
+    return GPT(ModelConfig(**cfg)).eval()
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_future_tokens_do_not_change_earlier_logits(mlp: str) -> None:
+    model = small(mlp=mlp)
+    x = torch.randint(0, 97, (3, 48))
+    y = x.clone()
+    y[:, 30:] = torch.randint(0, 97, (3, 18))
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :30], b[:, :30])
+    assert (a[:, 30:] - b[:, 30:]).abs().max() > 1e-3  # and later positions do see the change
+
+
+def test_kv_cache_greedy_matches_reference() -> None:
+    model = small()
+    prompt = [5, 17, 3, 88, 42, 7]
+    fast = generate(model, prompt, 40, Sampling(temperature=0), rows=3)
+    ref = generate_reference(model, prompt, 40, Sampling(temperature=0), rows=3)
+    assert fast == ref and len(fast[0]) == 40
+
+
+def test_kv_cache_sampling_matches_reference_with_the_same_seed() -> None:
+    model = small()
+    s = Sampling(temperature=1.1, top_k=20, top_p=0.9, repetition_penalty=1.3)
+    assert generate(model, [1, 2, 3], 30, s, rows=4, seed=7) == generate_reference(model, [1, 2, 3], 30, s, rows=4, seed=7)
+    assert generate(model, [1, 2, 3], 30, s, rows=4, seed=7) != generate(model, [1, 2, 3], 30, s, rows=4, seed=8)
+
+
+def test_cache_prefill_in_chunks_equals_one_forward() -> None:
+    model = small()
+    x = torch.randint(0, 97, (2, 40))
+    cache = KVCache(model.cfg, 2, 48, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        parts = [model(x[:, :15], cache=cache).logits, model(x[:, 15:16], cache=cache).logits,
+                 model(x[:, 16:], cache=cache).logits]
+        full = model(x).logits
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_generation_past_the_context_and_stop_at_eot() -> None:
+    model = small()
+    out = generate(model, [1, 2], 120, Sampling(temperature=0), rows=2)  # context is 48: slides
+    assert len(out[0]) == 120
+    first = generate(model, [1, 2], 10, Sampling(temperature=0))[0]
+    stop = first[3]
+    cut = generate(model, [1, 2], 10, Sampling(temperature=0), eot=stop)[0]
+    assert cut == first[: first.index(stop)]
+
+
+def test_sampling_rules() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    assert next_token(logits, Sampling(temperature=0), None, None).item() == 1
+    for _ in range(20):  # top_k=1 and a tiny top_p both leave only the best token
+        assert next_token(logits, Sampling(temperature=1.0, top_k=1), None, gen).item() == 1
+        assert next_token(logits, Sampling(temperature=1.0, top_p=0.01), None, gen).item() == 1
+        assert next_token(logits, Sampling(temperature=1.0, top_k=2), None, gen).item() in (1, 2)
+    seen = torch.tensor([[False, True, False, False]])
+    assert next_token(logits, Sampling(temperature=0, repetition_penalty=2.0), seen, None).item() == 2
+
+
+def test_weight_tying_init_and_presets() -> None:
+    tied, untied = small(), small(tie_embeddings=False)
+    assert tied.lm_head.weight.data_ptr() == tied.wte.weight.data_ptr()
+    assert untied.num_params() - tied.num_params() == 97 * 64
+    std = tied.blocks[0].attn.proj.weight.std().item()
+    assert 0.5 * 0.02 / 2 < std < 1.5 * 0.02 / 2  # 0.02 / sqrt(2 * n_layer), n_layer = 2
+    assert 23.0e6 < GPT(model_config("medium", 8192, {})).num_params() < 24.0e6
+    with torch.device("meta"):
+        assert 123e6 < GPT(model_config("gpt2", 50257, {})).num_params() < 125e6
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    x = torch.randint(0, 97, (2, 33))
+    grads = []
+    for flag in (False, True):
+        model = small().train()
+        model.grad_checkpoint = flag
+        model(x[:, :-1], x[:, 1:]).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
