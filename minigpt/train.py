@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -301,6 +302,11 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
 
     if d.main:
         signal.signal(signal.SIGINT, on_sigint)
+    # A bar on a terminal; in a log file the dense lines say it all.
+    bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console, transient=True, disable=not (d.main and console.is_terminal))
+    bar_task = bar.add_task("train", total=cfg.max_steps, completed=step)
+    bar.start()
     try:
         while step < cfg.max_steps:
             time_used = (elapsed_before + time.perf_counter() - t_start) / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
@@ -331,6 +337,7 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            bar.update(bar_task, completed=step)
 
             elapsed = elapsed_before + time.perf_counter() - t_start
             out_of_time = cfg.max_minutes and elapsed >= cfg.max_minutes * 60
@@ -393,6 +400,7 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
             if final:
                 break
     finally:
+        bar.stop()
         if d.main:
             signal.signal(signal.SIGINT, previous_handler)
 

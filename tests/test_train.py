@@ -63,6 +63,11 @@ def test_loss_falls_and_run_folder_is_complete(tokens: Path, tmp_path: Path) -> 
     assert [r["step"] for r in evals] == [10, 20, 30, 40]
 
 
+def test_early_stopping_on_val_patience(tokens: Path, tmp_path: Path) -> None:
+    summary = train(cfg(tokens, tmp_path, lr=0.0, warmup_steps=1, eval_every=3, patience=2), MODEL)
+    assert summary["steps"] == 9 and "no better val loss in 2 evaluations" in summary["stop_reason"]
+
+
 def test_checkpoint_round_trip(tokens: Path, tmp_path: Path) -> None:
     train(cfg(tokens, tmp_path, max_steps=5), MODEL)
     model, config = load_model(find_checkpoint(tmp_path / "run", "last"))
@@ -161,7 +166,7 @@ def test_cli_help_and_generate(tokens: Path, tmp_path: Path) -> None:
     for script in ("01_prepare_data.py", "02_train_tokenizer.py", "03_train.py", "quick_test.py", "minigpt"):
         proc = run_script(script, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout, proc.stderr
-    train(cfg(tokens, tmp_path, max_steps=20), MODEL)
+    train(cfg(tokens, tmp_path, max_steps=80, eval_every=40), MODEL)
     run = str(tmp_path / "run")
     proc = run_script("minigpt", "generate", "--run", run, "--prompt", "Әнием", "--max-new-tokens", "12", "--temperature", "0")
     assert proc.returncode == 0 and proc.stdout.split("\n")[1].startswith("Әнием"), proc.stdout + proc.stderr
@@ -171,5 +176,8 @@ def test_cli_help_and_generate(tokens: Path, tmp_path: Path) -> None:
     assert_user_error(run_script("minigpt", "generate", "--run", run, "--prompt", ""), "prompt is empty")
     assert_user_error(run_script("minigpt", "generate", "--run", str(tmp_path / "none")), "does not exist")
     proc = run_script("quick_test.py", "--run", run, "--max-new-tokens", "8", "--temperature", "0.8")
-    assert "val_bpb" in proc.stdout and "unigram baseline" in proc.stdout, proc.stdout + proc.stderr
-    assert proc.returncode in (0, 1)
+    assert proc.returncode == 0 and "better than the unigram baseline" in proc.stdout, proc.stdout + proc.stderr
+    assert "val_bpb" in proc.stdout and "perplexity" in proc.stdout
+    train(cfg(tokens, tmp_path, name="untrained", max_steps=1, lr=0.0), MODEL)
+    proc = run_script("quick_test.py", "--run", str(tmp_path / "untrained"), "--max-new-tokens", "4")
+    assert proc.returncode == 1 and "no better than a unigram baseline" in proc.stdout, proc.stdout + proc.stderr
