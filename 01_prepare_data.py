@@ -17,6 +17,9 @@ def main(cfg: PrepareConfig) -> None:
     console.print(f"[bold]prepare[/] {as_dict(cfg)['PrepareConfig']}")
     out, summary = prepare(cfg)
     console.print(stats_table(summary))
+    if summary["malformed_lines"]:
+        console.print(f"[yellow]skipped {summary['malformed_lines']} malformed JSONL line(s) (not JSON, or no 'text' "
+                      f"string), first at {', '.join(summary['malformed_examples'][:3])}; stats.json lists the first 20[/]")
     console.print(f"wrote {out}/ (train, val, stats.json); next: python 02_train_tokenizer.py --data {out}")
 
 

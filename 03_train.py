@@ -8,6 +8,8 @@
 
 from typing import Any
 
+import typer
+
 from minigpt.common import console
 from minigpt.config import ModelConfig, TrainConfig, cli_command, script_app
 from minigpt.train import summary_table, train
@@ -20,6 +22,8 @@ def main(cfg: TrainConfig, model_overrides: dict[str, Any]) -> None:
     if summary.get("main", True):
         console.print(summary_table(summary))
         console.print(f"next: python quick_test.py --run {summary['run']}   or   minigpt generate --run {summary['run']} --prompt '...'")
+    if summary["failed"]:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ class PrepareConfig:
         0.1, help="Drop documents whose undecodable bytes exceed this share of their characters."
     )
     dedup: bool = opt(True, help="Drop exact duplicate documents.")
+    download_timeout: float = opt(30.0, help="Seconds without data before a download attempt is abandoned.")
+    download_retries: int = opt(5, help="Download attempts (each resumes where the last one stopped).")
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
@@ -170,6 +172,7 @@ class TrainConfig:
     sample_every: int = opt(0, help="Steps between printed samples (0: at each evaluation).")
     save_every: int = opt(0, help="Steps between checkpoints (0: at each evaluation).")
     patience: int = opt(0, help="Stop after this many evaluations without a better val loss (0: never).")
+    max_bad_steps: int = opt(5, help="Stop when this many updates in a row have a non-finite loss or gradient.")
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):

@@ -202,7 +202,7 @@ def resolve_inputs(cfg: PrepareConfig, raw_dir: Path) -> list[Source]:
             sources.append(Source("stdlib", "text", stdlib_files(), "file", explicit=False))
             continue
         if item.startswith(("http://", "https://")):
-            path = download(item, raw_dir)
+            path = download(item, raw_dir, cfg.download_retries, cfg.download_timeout)
         else:
             path = Path(item).expanduser()
             if not path.exists():

@@ -151,6 +151,46 @@ def accumulation(cfg: TrainConfig, block_size: int, world: int) -> tuple[int, in
     return rows, rows // per_micro
 
 
+class Health:
+    """Non-finite updates and gradient-norm spikes, counted on the device and read at log steps.
+
+    An update whose gradient norm is not finite is skipped: inside the fused CUDA AdamW kernel (its
+    `found_inf` input, so no host sync per step), with a host check elsewhere.
+    """
+
+    SPIKE = 10.0  # a norm this many times the running norm is a spike
+
+    def __init__(self, device: torch.device) -> None:
+        z = lambda: torch.zeros((), device=device)  # noqa: E731
+        self.skipped, self.streak, self.max_streak, self.spikes, self.max_spike, self.ema = z(), z(), z(), z(), z(), z()
+        self.seen = 0
+
+    def check(self, norm: torch.Tensor) -> torch.Tensor:
+        """1.0 if this update must be skipped, else 0.0 (a device tensor)."""
+        norm = norm.float()
+        bad = (~torch.isfinite(norm)).float()
+        self.skipped += bad
+        self.streak = (self.streak + bad) * bad
+        self.max_streak = torch.maximum(self.max_streak, self.streak)
+        good = bad == 0
+        if self.seen >= 20:  # after a short warm-up of the running norm
+            spike = good & (norm > self.SPIKE * self.ema)
+            self.spikes += spike.float()
+            self.max_spike = torch.where(spike, torch.maximum(self.max_spike, norm), self.max_spike)
+            good = good & ~spike
+        self.ema = torch.where(good, norm if self.seen == 0 else 0.9 * self.ema + 0.1 * norm, self.ema)
+        self.seen += 1
+        return bad
+
+    def read(self) -> tuple[int, int, int, float]:
+        """(skipped so far, longest run of skips since the last read, spikes since then, largest spike)."""
+        skipped, streak, spikes, top = torch.stack([self.skipped, self.max_streak, self.spikes, self.max_spike]).tolist()
+        self.max_streak.copy_(self.streak)
+        self.spikes.zero_()
+        self.max_spike.zero_()
+        return int(skipped), int(streak), int(spikes), top
+
+
 # --------------------------------------------------------------------------------------------------
 # evaluation
 
@@ -269,14 +309,22 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
             "train_seconds": elapsed, "tokens_seen": step * tokens_per_step,
         }
 
-    def save(tag: str, step: int, elapsed: float, extra: dict[str, Any] | None = None) -> None:
+    def save(tag: str, step: int, elapsed: float, extra: dict[str, Any] | None = None) -> bool:
+        """Write a checkpoint; a failed write (disk full...) is reported and leaves the previous one."""
         st = trainer_state(step, elapsed)  # every process joins the gather
-        if d.main:
-            cfg_out = config_json | {"step": step, **(extra or {})}
+        if not d.main:
+            return True
+        cfg_out = config_json | {"step": step, **(extra or {})}
+        try:
             if tag == "last":
                 save_checkpoint(run_dir, "last", raw_model, cfg_out, tokenizer_json, optimizer, st)
             else:
                 save_checkpoint(run_dir, tag, raw_model, cfg_out, tokenizer_json)
+            return True
+        except OSError as e:
+            console.print(f"[bold red]could not write checkpoint '{tag}' at step {step} ({e.strerror or e}); "
+                          f"the previous one in {run_dir / tag} is intact[/]")
+            return False
 
     def log(record: dict[str, Any]) -> None:
         if d.main:
@@ -293,7 +341,13 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
     t_log, step_log = t_start, step
     loss_sum = torch.zeros((), device=device)
     stop_reason = "max steps"
+    failed = False
     interrupted = False
+    micro_bs = cfg.batch_size
+    per_rank = rows_per_step // d.world
+    health = Health(device)
+    skipped_reported = 0
+    fused = bool(optimizer.defaults.get("fused"))
     previous_handler = signal.getsignal(signal.SIGINT)
 
     def on_sigint(signum: int, frame: Any) -> None:  # finish the step, then save and stop
@@ -318,23 +372,40 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
             for group in optimizer.param_groups:
                 group["lr"] = lr
             shard, offset = sampler.global_batch(rows_per_step)
-            per_rank = rows_per_step // d.world
             mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
             batch = sampler.read(shard[mine], offset[mine])
             if device.type == "cuda":
                 batch = batch.pin_memory()
             batch = batch.to(device, non_blocking=True)
-            for micro in range(accum):
-                rows = batch[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
-                sync = micro == accum - 1 or d.world == 1
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
-                    loss = model(rows[:, :-1], rows[:, 1:]).loss / accum
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()  # read at log steps only: no host sync per step
+            while True:  # a CUDA out-of-memory error halves the micro-batch and retries the same rows
+                try:
+                    step_loss = _forward_backward(model, batch, micro_bs, device, dtype, scaler, d.world)
+                    break
+                except torch.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    if micro_bs == 1 or d.world > 1:
+                        raise UserError(
+                            "out of GPU memory" + (" with one sequence per micro-batch" if micro_bs == 1 else " under torchrun")
+                            + "; use a smaller --batch-size or model, --block-size, or --grad-checkpoint."
+                        ) from None
+                    micro_bs //= 2
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if d.main:
+                        console.print(f"[yellow]out of memory at step {step + 1}: micro-batch {micro_bs * 2} -> {micro_bs}, "
+                                      f"accumulation {per_rank // (micro_bs * 2)} -> {per_rank // micro_bs} (same batch)[/]")
+            loss_sum += step_loss
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
+            skip = health.check(norm)
+            if scaler.is_enabled():  # fp16: the scaler skips non-finite steps itself, and lowers its scale
+                scaler.step(optimizer)
+                scaler.update()
+            elif fused:
+                optimizer.found_inf = skip  # type: ignore[attr-defined]  # the kernel skips on the device
+                optimizer.step()
+            elif not skip.item():
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(bar_task, completed=step)
@@ -366,6 +437,18 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
                      "ms": round(dt * 1000, 2), "tok_s": round(tok_s), "mfu": mfu})
                 loss_sum.zero_()
                 t_log, step_log = time.perf_counter(), step
+                skipped, streak, spikes, top = health.read()
+                if d.main and skipped > skipped_reported:
+                    console.print(f"[yellow]skipped {skipped - skipped_reported} update(s) with a non-finite loss or "
+                                  f"gradient ({skipped} in all)[/]")
+                if d.main and spikes:
+                    console.print(f"[yellow]gradient norm spike: {spikes} step(s) above {Health.SPIKE:g}x the running "
+                                  f"norm (largest {top:.3g})[/]")
+                skipped_reported = skipped
+                if streak >= cfg.max_bad_steps:
+                    stop_reason = f"{streak} updates in a row had a non-finite loss or gradient"
+                    failed = True
+                    break
 
             final = step == cfg.max_steps or interrupted or out_of_time
             if step % cfg.eval_every == 0 or (final and not interrupted):
@@ -390,7 +473,10 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
                 raw_model.train()
                 console.print(f"[dim]sample:[/] {tok.decode(ids[0], skip_special_tokens=False)!r}")
             if step % save_every == 0 or final:
-                save("last", step, elapsed)
+                saved = save("last", step, elapsed)
+                if final and not saved:
+                    failed = True
+                    stop_reason += " (the final checkpoint could not be written)"
             if interrupted:
                 stop_reason = "interrupted"
                 break
@@ -411,13 +497,34 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
         "last_val_loss": last_eval[0] if last_eval else None,
         "tokens_seen": step * tokens_per_step, "train_seconds": elapsed,
         "params": raw_model.num_params(), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "failed": failed, "main": d.main,
     }
     if d.main:
         _plot(metrics_path, run_dir / "loss.png")
+        resume = f"python 03_train.py --data {cfg.data} --runs-dir {cfg.runs_dir} --name {name} --resume"
         if interrupted:
-            console.print(f"[yellow]interrupted at step {step}; saved {run_dir}/last. Resume with: "
-                          f"python 03_train.py --data {cfg.data} --name {name} --resume[/]")
+            console.print(f"[yellow]interrupted at step {step}; saved {run_dir}/last. Resume with: {resume}[/]")
+        if failed:
+            console.print(f"[bold red]stopped: {stop_reason}. The last good checkpoint is in {run_dir}/last; "
+                          f"lower --lr or try --dtype fp32, then: {resume}[/]")
     return summary
+
+
+def _forward_backward(
+    model: torch.nn.Module, batch: torch.Tensor, micro_bs: int, device: torch.device, dtype: torch.dtype,
+    scaler: torch.amp.GradScaler, world: int,
+) -> torch.Tensor:
+    """Gradients of one optimizer step's rows, `micro_bs` rows at a time; returns the mean loss (on device)."""
+    accum = batch.size(0) // micro_bs
+    total = torch.zeros((), device=device)
+    for micro in range(accum):
+        rows = batch[micro * micro_bs : (micro + 1) * micro_bs]
+        sync = micro == accum - 1 or world == 1  # DDP all-reduces gradients on the last micro-batch only
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
+            loss = model(rows[:, :-1], rows[:, 1:]).loss / accum
+        scaler.scale(loss).backward()
+        total += loss.detach()  # read at log steps only: no host sync per step
+    return total
 
 
 def _trim_metrics(path: Path, keep_through: int) -> None:

@@ -221,24 +221,13 @@ def test_url_errors(tmp_path: Path, server: str) -> None:
         download("http://127.0.0.1:9/nothing.txt", tmp_path / "raw", retries=2, timeout=2)
 
 
-# -- errors from the script: exit code 2, one sentence, no traceback ---------------------------------
+# -- errors (the full table of bad inputs is in test_errors.py) -------------------------------------
 
 
-def test_script_errors(tmp_path: Path) -> None:
+def test_option_values_are_checked(tmp_path: Path) -> None:
     out = ["--out-dir", str(tmp_path / "data")]
-    assert_user_error(run_script("01_prepare_data.py", str(tmp_path / "nope.txt"), *out), "does not exist")
-    (tmp_path / "empty.txt").write_bytes(b"")
-    assert_user_error(run_script("01_prepare_data.py", str(tmp_path / "empty.txt"), *out), "is empty")
-    (tmp_path / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4)
-    assert_user_error(run_script("01_prepare_data.py", str(tmp_path / "img.png"), *out), "binary file")
-    (tmp_path / "cp1251.txt").write_bytes("Привет, как дела? Всё хорошо.".encode("cp1251") * 20)
-    assert_user_error(run_script("01_prepare_data.py", str(tmp_path / "cp1251.txt"), *out), "not utf-8", "iconv")
-    (tmp_path / "blank.txt").write_text("\x07\x08\n\n   \n\x01", encoding="utf-8")
-    assert_user_error(run_script("01_prepare_data.py", str(tmp_path / "blank.txt"), *out), "empty after cleaning")
-    archive = make_leipzig(tmp_path / "bad.tar.gz", [], with_sentences=False)
-    assert_user_error(run_script("01_prepare_data.py", str(archive), *out), "no leipzig")
     assert_user_error(run_script("01_prepare_data.py", "--val-fraction", "1.5", *out), "--val-fraction")
-    assert not (tmp_path / "data" / "blank").exists() or not any((tmp_path / "data" / "blank").glob("train*"))
+    assert_user_error(run_script("01_prepare_data.py", "--doc-unit", "chapter", *out), "--doc-unit")
 
 
 def test_failed_run_keeps_previous_output(tmp_path: Path, toy_txt: Path) -> None:

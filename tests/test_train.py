@@ -148,14 +148,9 @@ def test_two_process_torchrun_matches_one_process(tokens: Path, tmp_path: Path) 
                 assert ra[key] == pytest.approx(rb[key], abs=1e-4), (ra, rb)
 
 
-def test_errors(tokens: Path, tmp_path: Path) -> None:
+def test_batch_and_context_errors(tokens: Path, tmp_path: Path) -> None:
+    """Train-specific mistakes; the table of every bad input is in test_errors.py."""
     base = ["--data", str(tokens), "--runs-dir", str(tmp_path), "--max-steps", "2"]
-    assert_user_error(run_script("03_train.py", *base, "--preset", "huge"), "unknown preset")
-    if not torch.cuda.is_available():
-        assert_user_error(run_script("03_train.py", *base, "--device", "cuda"), "no cuda gpu")
-    if not torch.backends.mps.is_available():
-        assert_user_error(run_script("03_train.py", *base, "--device", "mps"), "mps is not available")
-    assert_user_error(run_script("03_train.py", *base, "--name", "nothing", "--resume"), "does not exist")
     assert_user_error(run_script("03_train.py", *base, *MODEL_ARGS, "--total-batch-tokens", "100"), "multiple of")
     assert_user_error(run_script("03_train.py", "--data", str(tmp_path / "missing")), "does not exist")
     with pytest.raises(UserError, match="shorter than one context"):
