@@ -269,6 +269,9 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
     if cfg.resume:
         sampler.set_state(state["sampler"])
         torch.set_rng_state(torch.tensor(state["torch_rng"][d.rank % len(state["torch_rng"])], dtype=torch.uint8))
+        if device.type == "cuda" and state.get("cuda_rng"):
+            cuda_rng = state["cuda_rng"][d.rank % len(state["cuda_rng"])]
+            torch.cuda.set_rng_state(torch.tensor(cuda_rng, dtype=torch.uint8), device)
     else:
         torch.manual_seed(cfg.seed + d.rank)  # dropout differs per process, weights do not
 
@@ -303,8 +306,14 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
             gathered: list[Any] = [None] * d.world
             dist.all_gather_object(gathered, rng[0])
             rng = gathered
+        cuda_rng = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+        if d.world > 1 and cuda_rng:
+            gathered_cuda: list[Any] = [None] * d.world
+            dist.all_gather_object(gathered_cuda, cuda_rng[0])
+            cuda_rng = gathered_cuda
         return {
             "step": step, "sampler": sampler.state(), "torch_rng": [r.tolist() for r in rng],
+            "cuda_rng": [r.tolist() for r in cuda_rng],
             "best_val_loss": best, "best_val_bpb": best_bpb, "bad_evals": bad_evals,
             "train_seconds": elapsed, "tokens_seen": step * tokens_per_step,
         }
@@ -354,8 +363,8 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
         nonlocal interrupted
         interrupted = True
 
-    if d.main:
-        signal.signal(signal.SIGINT, on_sigint)
+    # Every process: a terminal's Ctrl-C reaches them all, and they agree to stop through all_reduce.
+    signal.signal(signal.SIGINT, on_sigint)
     # A bar on a terminal; in a log file the dense lines say it all.
     bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=console, transient=True, disable=not (d.main and console.is_terminal))
@@ -487,8 +496,7 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
                 break
     finally:
         bar.stop()
-        if d.main:
-            signal.signal(signal.SIGINT, previous_handler)
+        signal.signal(signal.SIGINT, previous_handler)
 
     elapsed = elapsed_before + time.perf_counter() - t_start
     summary = {
