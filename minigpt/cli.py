@@ -1,14 +1,16 @@
-"""The `minigpt` command: generate (more commands arrive with their issues)."""
+"""The `minigpt` command: generate, bench (more commands arrive with their issues)."""
 
 from __future__ import annotations
 
+import json
 import sys
+from typing import Any
 
 import torch
 import typer
 
 from .common import UserError, console, err_console
-from .config import GenerateConfig, cli_command
+from .config import BenchConfig, GenerateConfig, ModelConfig, cli_command
 from .generate import Loaded, Sampling, generate, load_run
 from .train import resolve_device
 
@@ -39,11 +41,13 @@ class Streamer:
     """Prints row 0's text as tokens arrive, holding back a character cut in the middle of its bytes."""
 
     def __init__(self, loaded: Loaded) -> None:
-        self.loaded, self.shown = loaded, 0
+        self.loaded, self.shown, self.ids = loaded, 0, []
 
-    def __call__(self, ids: list[int]) -> None:
-        ids = ids[:-1] if ids and ids[-1] == self.loaded.eot else ids
-        text = self.loaded.decode(ids)
+    def __call__(self, token: int) -> None:
+        if token == self.loaded.eot:
+            return
+        self.ids.append(token)
+        text = self.loaded.decode(self.ids)
         if text.endswith("\ufffd"):
             return
         sys.stdout.write(text[self.shown :])
@@ -74,6 +78,22 @@ def generate_cmd(cfg: GenerateConfig) -> None:
         for j, row in enumerate(rows):
             console.rule(f"prompt {i + 1} sample {j + 1}")
             console.print(text + loaded.decode(row), markup=False, highlight=False)
+
+
+@app.command("bench")
+@cli_command(BenchConfig, overrides=ModelConfig)
+def bench_cmd(cfg: BenchConfig, overrides: dict[str, Any]) -> None:
+    """Training, generation and data throughput on one device: a table, then one JSON line."""
+    from .bench import bench_table, run_bench
+    from .common import atomic_open
+
+    result = run_bench(cfg, overrides)
+    console.print(bench_table(result))
+    line = json.dumps(result, separators=(",", ":"))
+    if cfg.json:
+        with atomic_open(cfg.json, "w", encoding="utf-8") as f:
+            f.write(line + "\n")
+    print(line)
 
 
 def main() -> None:

@@ -223,6 +223,30 @@ class QuickTestConfig:
 
 
 # --------------------------------------------------------------------------------------------------
+# minigpt bench
+
+
+@dataclass
+class BenchConfig:
+    device: str = opt("auto", help="auto (cuda > mps > cpu), cuda, mps or cpu.")
+    preset: str = opt("tiny", help="Model shape for random weights (model options override it).")
+    run: str = opt("", help="Benchmark a trained run instead of random weights.")
+    data: str = opt("", help="Token shards for the data figures (default: the run's, else data/stdlib if present).")
+    dtype: str = opt("auto", help="auto (bf16 on GPUs that have it, fp32 on CPU), bf16, fp16 or fp32.")
+    batch_size: int = opt(16, help="Training micro-batch (sequences).")
+    steps: int = opt(10, help="Timed training steps (after 3 warm-up steps).")
+    compile: bool = opt(True, help="Also time the torch.compile'd model (CUDA only; CPU compile is skipped).")
+    prompt_tokens: int = opt(128, help="Prompt length for the prefill figure.")
+    new_tokens: int = opt(64, help="Tokens decoded per generation figure.")
+    json: str = opt("", help="Also write the JSON result to this file.")
+    seed: int = opt(1337, help="Random seed.")
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.new_tokens < 2 or self.prompt_tokens < 1 or self.batch_size < 1:
+            raise UserError("--steps, --batch-size and --prompt-tokens must be at least 1, --new-tokens at least 2.")
+
+
+# --------------------------------------------------------------------------------------------------
 # dataclasses -> Typer options
 
 

@@ -60,7 +60,14 @@ def _setup(model: GPT, prompt: list[int], rows: int, seed: int | None) -> tuple[
 
 @torch.no_grad()
 def generate_reference(
-    model: GPT, prompt: list[int], max_new: int, s: Sampling, rows: int = 1, eot: int | None = None, seed: int | None = 0
+    model: GPT,
+    prompt: list[int],
+    max_new: int,
+    s: Sampling,
+    rows: int = 1,
+    eot: int | None = None,
+    seed: int | None = 0,
+    on_token: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Recompute the whole (cropped) sequence for every new token: slow, obviously right."""
     idx, gen = _setup(model, prompt, rows, seed)
@@ -73,6 +80,8 @@ def generate_reference(
         out.append(tok)
         idx = torch.cat([idx, tok[:, None]], dim=1)
         seen[torch.arange(rows), tok] = True
+        if on_token is not None:
+            on_token(int(tok[0]))
         if eot is not None:
             done |= tok == eot
             if done.all():
@@ -89,13 +98,13 @@ def generate(
     rows: int = 1,
     eot: int | None = None,
     seed: int | None = 0,
-    on_token: Callable[[list[int]], None] | None = None,
+    on_token: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """The KV-cache path: the prompt once, then one token at a time.
 
     When the context fills up, the last 3/4 of it is re-encoded into the cache and generation goes on
     (the reference path instead slides one token at a time, so past the context the two may differ).
-    `on_token` gets row 0's tokens so far after each step (for streaming).
+    `on_token` gets row 0's new token after each step (for streaming; it costs one host sync a token).
     """
     idx, gen = _setup(model, prompt, rows, seed)
     T = model.cfg.block_size
@@ -110,7 +119,7 @@ def generate(
         out.append(tok)
         seen[torch.arange(rows), tok] = True
         if on_token is not None:
-            on_token([int(t[0]) for t in out])
+            on_token(int(tok[0]))
         if eot is not None:
             done |= tok == eot
             if done.all():

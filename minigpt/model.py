@@ -74,7 +74,9 @@ class Attention(nn.Module):
             cache.k[layer, :B, :, start : start + T] = k
             cache.v[layer, :B, :, start : start + T] = v
             k, v = cache.k[layer, :B, :, : start + T], cache.v[layer, :B, :, : start + T]
-            if T == 1:  # one new token sees everything cached: no mask needed
+            if start == 0:  # an empty cache: plain causal attention over the new tokens (the fast kernels)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            elif T == 1:  # one new token sees everything cached: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v)
             else:  # a chunk of new tokens: causal among themselves, full view of the past
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)

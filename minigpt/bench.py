@@ -1,0 +1,286 @@
+"""`minigpt bench`: training, inference and data throughput on one device, as a table and one JSON line.
+
+Every figure is measured here, on random weights of a preset's shape or on a trained run:
+- training: ms/step, tokens/s, MFU, peak memory, for the eager model and (on CUDA) the compiled one;
+- inference: prefill tokens/s for a prompt; decode tokens/s and ms/token p50/p95 at batch 1, and
+  tokens/s at batch 8 and 32, for the plain path (whole sequence recomputed) and the KV-cache path;
+- data: batches/s and tokens/s from the memmap shards, tokenizer encode MB/s.
+MFU is against the device's bf16 dense peak from a table, or a measured matmul rate when unknown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from .common import UserError, console, human_count
+from .config import BenchConfig, model_config
+from .corpus import iter_documents
+from .data import BatchSampler, TokenData
+from .generate import Sampling, generate, generate_reference, load_run
+from .model import GPT
+from .tokenizer import load_tokenizer
+from .train import autocast, make_optimizer, peak_flops, resolve_device, resolve_dtype
+
+BATCHES = (1, 8, 32)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    return f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+
+
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul: the MFU yardstick for devices missing from the peak table."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps, t0 = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def peak_memory(device: torch.device) -> float:
+    """GiB: the allocator's peak on CUDA, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+@torch.enable_grad()  # the CLI turns gradients off for inference
+def bench_train(
+    model: GPT, cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: bool, peak: float
+) -> dict[str, Any]:
+    from .config import TrainConfig
+
+    T = model.cfg.block_size
+    model.train()
+    step_model: Callable[..., Any] = torch.compile(model) if compiled else model
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-4), device)
+    x = torch.randint(0, model.cfg.vocab_size, (cfg.batch_size, T + 1), device=device)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = step_model(x[:, :-1], x[:, 1:]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    reset_peak(device)
+    t0 = time.perf_counter()
+    for _ in range(3):  # warm-up (and compilation)
+        step()
+    sync(device)
+    warmup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / cfg.steps
+    tok_s = cfg.batch_size * T / dt
+    model.eval()
+    return {
+        "ms_per_step": dt * 1000, "tokens_per_s": tok_s, "mfu": model.flops_per_token() * tok_s / peak,
+        "peak_memory_gib": peak_memory(device), "warmup_s": warmup, "batch_size": cfg.batch_size, "block_size": T,
+    }
+
+
+@torch.no_grad()
+def bench_inference(model: GPT, cfg: BenchConfig, device: torch.device, path: str) -> dict[str, Any]:
+    """Prefill and decode figures for one generation path ('plain' or 'fast')."""
+    T = model.cfg.block_size
+    prompt_len = min(cfg.prompt_tokens, T // 2)
+    new = min(cfg.new_tokens, T - prompt_len)
+    gen = generate if path == "fast" else generate_reference
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,), generator=g).tolist()
+    greedy = Sampling(temperature=0)
+    out: dict[str, Any] = {"prompt_tokens": prompt_len, "new_tokens": new}
+
+    # prefill: the prompt through the model once (into the cache on the fast path)
+    def prefill() -> None:
+        x = torch.tensor([prompt], device=device)
+        if path == "fast":
+            from .model import KVCache
+
+            cache = KVCache(model.cfg, 1, T, device, next(model.parameters()).dtype)
+            model(x, cache=cache)
+        else:
+            model(x)
+
+    prefill()
+    sync(device)
+    reps, t0 = 5, time.perf_counter()
+    for _ in range(reps):
+        prefill()
+    sync(device)
+    out["prefill_tokens_per_s"] = prompt_len * reps / (time.perf_counter() - t0)
+
+    reset_peak(device)
+    stamps: list[float] = []
+
+    def stamp(_: int) -> None:  # streaming-style: each token reaches the host
+        stamps.append(time.perf_counter())
+
+    gen(model, prompt, 4, greedy, 1)  # warm-up
+    t0 = time.perf_counter()
+    gen(model, prompt, new, greedy, 1, on_token=stamp)
+    gaps = [b - a for a, b in itertools.pairwise([t0, *stamps])][1:]  # the first gap is the prefill
+    out["decode_batch1_tokens_per_s"] = len(gaps) / sum(gaps)
+    out["ms_per_token_p50"] = statistics.median(gaps) * 1000
+    out["ms_per_token_p95"] = sorted(gaps)[max(0, int(0.95 * len(gaps)) - 1)] * 1000
+    for rows in BATCHES[1:]:
+        gen(model, prompt, 2, greedy, rows)
+        sync(device)
+        t0 = time.perf_counter()
+        gen(model, prompt, new, greedy, rows)
+        sync(device)
+        out[f"decode_batch{rows}_tokens_per_s"] = rows * new / (time.perf_counter() - t0)
+    out["peak_memory_gib"] = peak_memory(device)
+    return out
+
+
+def bench_data(data: TokenData, block: int, batch: int) -> dict[str, Any]:
+    sampler = BatchSampler(data.train, block, seed=0)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 1.0:
+        sampler.read(*sampler.global_batch(batch))
+        n += 1
+    dt = time.perf_counter() - t0
+    out: dict[str, Any] = {"batches_per_s": n / dt, "tokens_per_s": n * batch * (block + 1) / dt,
+                           "encode_mb_per_s": None}
+    dataset = Path(data.meta["dataset"])
+    if dataset.exists():
+        tok = load_tokenizer(data.folder / "tokenizer.json")
+        texts, size = [], 0
+        for text, _ in iter_documents(dataset, "train"):
+            texts.append(text)
+            size += len(text.encode())
+            if size > 4 << 20:
+                break
+        t0 = time.perf_counter()
+        tok.encode_batch_fast(texts, add_special_tokens=False)
+        out["encode_mb_per_s"] = size / 1e6 / (time.perf_counter() - t0)
+    return out
+
+
+def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)
+    data_path = cfg.data
+    if cfg.run:
+        loaded = load_run(cfg.run, "best", device)
+        model = loaded.model
+        data_path = data_path or loaded.config["data"]["folder"]
+        source = str(loaded.folder)
+    else:
+        if cfg.preset not in ("tiny", "small", "medium", "gpt2"):
+            model_config(cfg.preset, 8192, {})  # raises the clear error
+        vocab = overrides.pop("vocab_size", None) or 8192
+        model = GPT(model_config(cfg.preset, vocab, overrides)).to(device)
+        source = f"random weights, preset {cfg.preset}"
+        if not data_path and Path("data/stdlib").exists():
+            data_path = "data/stdlib"
+    peak = peak_flops(device)
+    peak_source = "table"
+    if peak is None:
+        peak = measured_matmul_flops(device, dtype if device.type != "cpu" else torch.float32)
+        peak_source = "measured matmul"
+
+    result: dict[str, Any] = {
+        "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."), "source": source, "model": dataclasses.asdict(model.cfg),
+        "params": model.num_params(), "flops_per_token": model.flops_per_token(),
+        "peak_flops": peak, "peak_source": peak_source, "settings": dataclasses.asdict(cfg),
+    }
+    with console.status("timing training steps..."):
+        result["train"] = {"eager": bench_train(model, cfg, device, dtype, False, peak)}
+        compiled = None
+        if cfg.compile and device.type == "cuda":
+            compiled = bench_train(model, cfg, device, dtype, True, peak)
+        result["train"]["compiled"] = compiled
+    inference_model = model
+    if device.type == "cuda" and dtype != torch.float32:  # decode in the training precision's weights
+        inference_model = GPT(model.cfg).to(device, dtype)
+        inference_model.load_state_dict(model.state_dict())
+    inference_model.eval()
+    with console.status("timing generation..."):
+        result["inference"] = {p: bench_inference(inference_model, cfg, device, p) for p in ("plain", "fast")}
+    result["data"] = None
+    if data_path:
+        try:
+            data = TokenData(data_path)
+            with console.status("timing data loading..."):
+                result["data"] = bench_data(data, model.cfg.block_size, cfg.batch_size)
+        except UserError as e:
+            console.print(f"[yellow]data figures skipped: {e}[/]")
+    return result
+
+
+def bench_table(r: dict[str, Any]) -> Table:
+    t = Table(title=f"minigpt bench: {r['device_name']} ({r['device']}, {r['dtype']}), torch {r['torch']}")
+    for col in ("", "figure", "plain / eager", "fast / compiled"):
+        t.add_column(col, justify="left" if col in ("", "figure") else "right")
+    m = r["model"]
+    t.caption = (f"{r['source']}: {human_count(r['params'])} parameters, {m['n_layer']} layers x {m['n_embd']}, "
+                 f"context {m['block_size']}, vocab {m['vocab_size']}; MFU against {r['peak_flops'] / 1e12:.3g} "
+                 f"TFLOP/s ({r['peak_source']})")
+    fmt = lambda v, f="{:,.0f}": "-" if v is None else f.format(v)  # noqa: E731
+    eager, comp = r["train"]["eager"], r["train"]["compiled"] or {}
+    rows = [("train", "ms / step", "ms_per_step", "{:.1f}"), ("train", "tokens / s", "tokens_per_s", "{:,.0f}"),
+            ("train", "MFU", "mfu", "{:.1%}"), ("train", "peak memory GiB", "peak_memory_gib", "{:.2f}")]
+    for section, label, key, f in rows:
+        t.add_row(section, label, fmt(eager.get(key), f), fmt(comp.get(key), f))
+    plain, fast = r["inference"]["plain"], r["inference"]["fast"]
+    for label, key, f in [
+        (f"prefill tokens/s ({fast['prompt_tokens']} prompt)", "prefill_tokens_per_s", "{:,.0f}"),
+        ("decode tokens/s, batch 1", "decode_batch1_tokens_per_s", "{:,.0f}"),
+        ("ms/token p50, batch 1", "ms_per_token_p50", "{:.2f}"),
+        ("ms/token p95, batch 1", "ms_per_token_p95", "{:.2f}"),
+        ("decode tokens/s, batch 8", "decode_batch8_tokens_per_s", "{:,.0f}"),
+        ("decode tokens/s, batch 32", "decode_batch32_tokens_per_s", "{:,.0f}"),
+        ("peak memory GiB", "peak_memory_gib", "{:.2f}"),
+    ]:
+        t.add_row("inference", label, fmt(plain.get(key), f), fmt(fast.get(key), f))
+    if r["data"]:
+        t.add_row("data", "batches / s", fmt(r["data"]["batches_per_s"]), "")
+        t.add_row("data", "tokens / s", fmt(r["data"]["tokens_per_s"]), "")
+        t.add_row("data", "tokenizer encode MB/s", fmt(r["data"]["encode_mb_per_s"], "{:.2f}"), "")
+    return t
