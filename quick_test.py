@@ -33,7 +33,8 @@ def main(cfg: QuickTestConfig) -> None:
     data = TokenData(cfg.data or run.config["data"]["folder"])
     if data.meta["tokenizer_sha256"] != run.config["data"]["tokenizer_sha256"]:
         raise UserError(f"{data.folder} was encoded with another tokenizer than {run.folder}; pass matching --data.")
-    console.print(f"[bold]quick test[/] {run.folder} (step {run.config.get('step')}, {model.num_params():,} parameters) on {data.folder}")
+    console.print(f"[bold]quick test[/] {run.folder} (step {run.config.get('step')}, {model.num_params():,} parameters, "
+                  f"{run.path}) on {data.folder}")
 
     # 1. samples: the given prompts, else the first words of a few val documents
     dataset = Path(data.meta["dataset"])

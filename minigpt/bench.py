@@ -166,14 +166,26 @@ def bench_inference(model: GPT, cfg: BenchConfig, device: torch.device, path: st
     out["ms_per_token_p50"] = statistics.median(gaps) * 1000
     out["ms_per_token_p95"] = sorted(gaps)[max(0, int(0.95 * len(gaps)) - 1)] * 1000
     for rows in BATCHES[1:]:
-        gen(model, prompt, 2, greedy, rows)
-        sync(device)
-        t0 = time.perf_counter()
-        gen(model, prompt, new, greedy, rows)
-        sync(device)
-        out[f"decode_batch{rows}_tokens_per_s"] = rows * new / (time.perf_counter() - t0)
+        out[f"decode_batch{rows}_tokens_per_s"] = decode_tokens_per_s(model, prompt, new, rows, device, gen)
     out["peak_memory_gib"] = peak_memory(device)
     return out
+
+
+def decode_tokens_per_s(
+    model: GPT, prompt: list[int], new: int, rows: int, device: torch.device, gen: Callable[..., Any] = generate
+) -> float:
+    """Greedy decoding throughput (all rows, prefill excluded by a warm-up of the same prompt)."""
+    greedy = Sampling(temperature=0)
+    gen(model, prompt, 2, greedy, rows)
+    sync(device)
+    t0 = time.perf_counter()
+    gen(model, prompt, 1, greedy, rows)  # the prefill alone, to subtract
+    sync(device)
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gen(model, prompt, new, greedy, rows)
+    sync(device)
+    return rows * (new - 1) / max(time.perf_counter() - t0 - prefill, 1e-9)
 
 
 def bench_data(data: TokenData, block: int, batch: int) -> dict[str, Any]:
@@ -209,7 +221,7 @@ def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
         loaded = load_run(cfg.run, "best", device)
         model = loaded.model
         data_path = data_path or loaded.config["data"]["folder"]
-        source = str(loaded.folder)
+        source = f"{loaded.folder} ({loaded.path})"
     else:
         if cfg.preset not in ("tiny", "small", "medium", "gpt2"):
             model_config(cfg.preset, 8192, {})  # raises the clear error
@@ -230,14 +242,15 @@ def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
         "params": model.num_params(), "flops_per_token": model.flops_per_token(),
         "peak_flops": peak, "peak_source": peak_source, "settings": dataclasses.asdict(cfg),
     }
+    trainable = not any(b.dtype == torch.int8 for b in model.buffers())
     with console.status("timing training steps..."):
-        result["train"] = {"eager": bench_train(model, cfg, device, dtype, False, peak)}
+        result["train"] = {"eager": bench_train(model, cfg, device, dtype, False, peak) if trainable else None}
         compiled = None
-        if cfg.compile and device.type == "cuda":
+        if trainable and cfg.compile and device.type == "cuda":
             compiled = bench_train(model, cfg, device, dtype, True, peak)
         result["train"]["compiled"] = compiled
     inference_model = model
-    if device.type == "cuda" and dtype != torch.float32:  # decode in the training precision's weights
+    if trainable and device.type == "cuda" and dtype != torch.float32:  # decode in the training precision's weights
         inference_model = GPT(model.cfg).to(device, dtype)
         inference_model.load_state_dict(model.state_dict())
     inference_model.eval()
@@ -263,7 +276,7 @@ def bench_table(r: dict[str, Any]) -> Table:
                  f"context {m['block_size']}, vocab {m['vocab_size']}; MFU against {r['peak_flops'] / 1e12:.3g} "
                  f"TFLOP/s ({r['peak_source']})")
     fmt = lambda v, f="{:,.0f}": "-" if v is None else f.format(v)  # noqa: E731
-    eager, comp = r["train"]["eager"], r["train"]["compiled"] or {}
+    eager, comp = r["train"]["eager"] or {}, r["train"]["compiled"] or {}
     rows = [("train", "ms / step", "ms_per_step", "{:.1f}"), ("train", "tokens / s", "tokens_per_s", "{:,.0f}"),
             ("train", "MFU", "mfu", "{:.1%}"), ("train", "peak memory GiB", "peak_memory_gib", "{:.2f}")]
     for section, label, key, f in rows:

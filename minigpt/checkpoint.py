@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from .common import UserError, atomic_open, fsync_dir, read_json, sha256_file, write_json
 from .config import ModelConfig
 from .model import GPT
+from .quantize import SCHEMES, to_int8_model
 
 FORMAT_VERSION = 1
 
@@ -42,12 +43,15 @@ def save_checkpoint(
     tokenizer_json: Path,
     optimizer: torch.optim.Optimizer | None = None,
     trainer_state: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
+    """Write checkpoint `tag` of `model` (or of prepared `tensors`, e.g. quantized ones) atomically."""
     final, tmp, old = run_dir / tag, run_dir / f".{tag}.tmp", run_dir / f".{tag}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file(model_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors if tensors is not None else model_tensors(model), str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
         write_json(tmp / "config.json", {"format_version": FORMAT_VERSION, **config})
         shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
         if optimizer is not None:
@@ -119,9 +123,18 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[GPT, d
     if emb is None or emb.shape[0] != cfg.vocab_size:
         raise UserError(f"{folder}: the weights do not match the vocab size {cfg.vocab_size} in config.json.")
     model = GPT(cfg)
+    scheme = (config.get("quantization") or {}).get("scheme")
+    if scheme == "int8":
+        try:
+            to_int8_model(model, tensors)
+        except KeyError:
+            raise UserError(f"{folder}: the int8 weights do not fit the model in config.json; the checkpoint is damaged.") from None
+        return model.to(device), config
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
         raise UserError(f"{folder}: the weights do not fit the model in config.json; the checkpoint is damaged.")
+    if scheme in SCHEMES:  # bf16 / fp16: the whole model in that dtype
+        model.to(SCHEMES[scheme])
     return model.to(device), config
 
 

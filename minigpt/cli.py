@@ -1,4 +1,4 @@
-"""The `minigpt` command: generate, bench (more commands arrive with their issues)."""
+"""The `minigpt` command: generate, bench, quantize."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import typer
 
 from .common import UserError, console, err_console
-from .config import BenchConfig, GenerateConfig, ModelConfig, cli_command
+from .config import BenchConfig, GenerateConfig, ModelConfig, QuantizeConfig, cli_command
 from .generate import Loaded, Sampling, generate, load_run
 from .train import resolve_device
 
@@ -61,7 +61,7 @@ def generate_cmd(cfg: GenerateConfig) -> None:
     """Sample text from a trained run (KV cache; streaming for a single sample)."""
     device = resolve_device(cfg.device)
     loaded = load_run(cfg.run, cfg.checkpoint, device)
-    console.print(f"[dim]{loaded.folder} | step {loaded.config.get('step')} | {device}[/]", highlight=False)
+    console.print(f"[dim]{loaded.folder} | step {loaded.config.get('step')} | {device} | {loaded.path}[/]", highlight=False)
     prompts = cfg.prompt or [""]
     if cfg.prompt and any(not p.strip() for p in cfg.prompt):
         raise UserError("a --prompt is empty; give some text, or leave --prompt out to sample from scratch.")
@@ -94,6 +94,29 @@ def bench_cmd(cfg: BenchConfig, overrides: dict[str, Any]) -> None:
         with atomic_open(cfg.json, "w", encoding="utf-8") as f:
             f.write(line + "\n")
     print(line)
+
+
+@app.command("quantize")
+@cli_command(QuantizeConfig)
+def quantize_cmd(cfg: QuantizeConfig) -> None:
+    """int8 (weight-only) or bf16/fp16 copy of a run, with size, val bits per byte and speed before/after."""
+    from rich.table import Table
+
+    from .common import human_bytes
+    from .quantize import quantize_run
+
+    r = quantize_run(cfg)
+    t = Table(title=f"quantize {r['run']} -> {r['out']} ({r['to']}) on {r['device']}")
+    for col in ("", "file", "val loss", "val bits/byte", "decode tok/s b1", "decode tok/s b32", "matmul path"):
+        t.add_column(col, justify="left" if col in ("", "matmul path") else "right")
+    for label in ("before", "after"):
+        x = r[label]
+        t.add_row(label, human_bytes(x["bytes"]), f"{x['val_loss']:.4f}", f"{x['val_bpb']:.4f}",
+                  f"{x['decode_batch1_tokens_per_s']:,.0f}", f"{x['decode_batch32_tokens_per_s']:,.0f}", x["path"])
+    t.caption = (f"size x{r['size_ratio']:.3f} | val bits/byte {r['val_bpb_change_pct']:+.3f}% on "
+                 f"{r['val_tokens']:,} tokens")
+    console.print(t)
+    print(json.dumps(r, separators=(",", ":")))
 
 
 def main() -> None:

@@ -247,6 +247,25 @@ class BenchConfig:
 
 
 # --------------------------------------------------------------------------------------------------
+# minigpt quantize
+
+
+@dataclass
+class QuantizeConfig:
+    run: str = opt("", help="The run to quantize (default: the most recent under runs/).")
+    to: str = opt("int8", help="int8 (weight-only, per output channel), bf16 or fp16.")
+    out: str = opt("", help="Output run folder (default: <run>-<to>).")
+    checkpoint: str = opt("best", help="best or last.")
+    device: str = opt("auto", help="Device for the before/after figures: auto, cuda, mps or cpu.")
+    eval_tokens: int = opt(262_144, help="Val tokens for the before/after loss and bits per byte.")
+    new_tokens: int = opt(64, help="Tokens decoded for the before/after speed.")
+
+    def __post_init__(self) -> None:
+        if self.to not in ("int8", "bf16", "fp16"):
+            raise UserError(f"unknown --to {self.to!r}; choose int8, bf16 or fp16.")
+
+
+# --------------------------------------------------------------------------------------------------
 # dataclasses -> Typer options
 
 

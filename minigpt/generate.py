@@ -18,6 +18,7 @@ import torch
 from .checkpoint import find_checkpoint, latest_run, load_model
 from .common import UserError
 from .model import GPT, KVCache
+from .quantize import int8_path
 from .tokenizer import load_tokenizer
 
 
@@ -159,6 +160,7 @@ class Loaded:
     tokenizer: Any
     config: dict[str, Any]
     folder: Path
+    path: str = "fp32"  # how the matmuls run: fp32, bf16, fp16, or the int8 path in use
 
     @property
     def eot(self) -> int:
@@ -191,4 +193,6 @@ def _load(folder: Path, device: torch.device | str) -> Loaded:
             f"{model.cfg.vocab_size}; the checkpoint does not belong to this tokenizer."
         )
     model.eval()
-    return Loaded(model, tokenizer, config, folder)
+    scheme = (config.get("quantization") or {}).get("scheme")
+    path = int8_path(model, torch.device(device)) if scheme == "int8" else (scheme or "fp32")
+    return Loaded(model, tokenizer, config, folder, path)

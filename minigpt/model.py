@@ -171,7 +171,9 @@ class GPT(nn.Module):
         return Output(logits, loss)
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # a tied matrix counts once
+        """Weights, a tied matrix once; int8 models keep their matrices as buffers named `weight`."""
+        buffers = sum(b.numel() for n, b in self.named_buffers() if n.endswith(".weight"))
+        return sum(p.numel() for p in self.parameters()) + buffers
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 x the weights used in matmuls + attention scores (PaLM, appendix B).
@@ -180,5 +182,5 @@ class GPT(nn.Module):
         """
         cfg = self.cfg
         matmul = self.num_params() - self.wte.weight.numel() + cfg.vocab_size * cfg.n_embd
-        matmul -= sum(p.numel() for n, p in self.named_parameters() if p.dim() == 1)
+        matmul -= sum(p.numel() for p in self.parameters() if p.dim() == 1)
         return 6 * matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
