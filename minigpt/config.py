@@ -281,36 +281,25 @@ def cli_command(
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         params: dict[str, inspect.Parameter] = {}
-        for cls in classes:
+        override_names: list[str] = []
+        for cls, is_override in [(c, False) for c in classes] + ([(overrides, True)] if overrides else []):
             hints = typing.get_type_hints(cls)
             for f in dataclasses.fields(cls):
-                if f.name in params:
+                if f.name in params or f.name in skip:
                     continue  # shared fields (device, seed...) appear once and feed every class
-                default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-                if f.metadata.get("argument"):
-                    info = typer.Argument(default, help=f.metadata["help"], show_default=False)
+                flag, help_text, annotation = "--" + f.name.replace("_", "-"), f.metadata["help"], hints[f.name]
+                if is_override:  # None: the preset decides
+                    override_names.append(f.name)
+                    names = [f"{flag}/--no-{flag[2:]}"] if annotation is bool else [flag]
+                    info = typer.Option(None, *names, help=f"{help_text} [preset]", show_default=False)
+                    annotation = typing.Optional[annotation]  # noqa: UP045
+                elif f.metadata.get("argument"):
+                    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                    info = typer.Argument(default, help=help_text, show_default=False)
                 else:
-                    names = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
-                    info = typer.Option(default, *names, help=f.metadata["help"])
-                params[f.name] = inspect.Parameter(
-                    f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hints[f.name]
-                )
-        override_names = []
-        if overrides is not None:
-            hints = typing.get_type_hints(overrides)
-            for f in dataclasses.fields(overrides):
-                if f.name in skip or f.name in params:
-                    continue
-                override_names.append(f.name)
-                flag = "--" + f.name.replace("_", "-")
-                if hints[f.name] is bool:
-                    names = [f"{flag}/--no-{flag[2:]}"]
-                else:
-                    names = [flag]
-                info = typer.Option(None, *names, help=f"{f.metadata['help']} [preset]", show_default=False)
-                params[f.name] = inspect.Parameter(
-                    f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=typing.Optional[hints[f.name]]  # noqa: UP045
-                )
+                    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                    info = typer.Option(default, flag, *f.metadata.get("aliases", ()), help=help_text)
+                params[f.name] = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
         @functools.wraps(fn, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=())
         def command(**kwargs: Any) -> Any:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from minigpt.config import PrepareConfig, TokenizerConfig, TrainConfig
+from minigpt.corpus import prepare
+from minigpt.tokenizer import build
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CORPORA = ROOT.parent / "shared" / "corpora"
@@ -53,3 +58,32 @@ def toy_txt(tmp_path: Path) -> Path:
     path = tmp_path / "toy.txt"
     path.write_text("\n\n".join(toy_documents()) + "\n", encoding="utf-8")
     return path
+
+
+# A model small enough to train in a second, for tests of the training machinery.
+MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
+MODEL_ARGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32"]
+
+
+@pytest.fixture(scope="session")
+def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """BPE (320 tokens) shards of 600 toy multilingual documents."""
+    tmp = tmp_path_factory.mktemp("tokens")
+    corpus = tmp / "toy.txt"
+    corpus.write_text("\n\n".join(toy_documents(600)) + "\n", encoding="utf-8")
+    data, _ = prepare(PrepareConfig(inputs=[str(corpus)], out_dir=str(tmp / "data"), val_fraction=0.1))
+    return build(TokenizerConfig(data=str(data), vocab_size=320)).out
+
+
+def train_cfg(tokens: Path, runs: Path, **kw) -> TrainConfig:
+    base = dict(data=str(tokens), runs_dir=str(runs), name="run", batch_size=8, max_steps=30, lr=3e-3,
+                warmup_steps=5, log_every=1, eval_every=10, eval_tokens=2048, sample_every=1000, device="cpu")
+    return TrainConfig(**(base | kw))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}

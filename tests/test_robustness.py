@@ -14,38 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, toy_documents
+from conftest import MODEL, MODEL_ARGS, ROOT, losses, train_cfg
 
 import minigpt.checkpoint as checkpoint
 from minigpt.checkpoint import find_checkpoint, load_model
-from minigpt.config import PrepareConfig, TokenizerConfig, TrainConfig
-from minigpt.corpus import prepare
 from minigpt.model import GPT
-from minigpt.tokenizer import build
 from minigpt.train import train
-
-MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
-MODEL_ARGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32"]
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("robust")
-    corpus = tmp / "toy.txt"
-    corpus.write_text("\n\n".join(toy_documents(600)) + "\n", encoding="utf-8")
-    data, _ = prepare(PrepareConfig(inputs=[str(corpus)], out_dir=str(tmp / "data"), val_fraction=0.1))
-    return build(TokenizerConfig(data=str(data), vocab_size=320)).out
-
-
-def cfg(tokens: Path, runs: Path, **kw) -> TrainConfig:
-    base = dict(data=str(tokens), runs_dir=str(runs), name="run", batch_size=8, max_steps=30, lr=3e-3,
-                warmup_steps=5, log_every=5, eval_every=10, eval_tokens=2048, sample_every=1000, device="cpu")
-    return TrainConfig(**(base | kw))
-
-
-def losses(run: Path) -> dict[int, float]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
 def poison(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int], factor: float = float("nan")) -> None:
@@ -65,7 +39,7 @@ def poison(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int], factor: float =
 
 def test_non_finite_updates_are_skipped_and_counted(tokens: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     poison(monkeypatch, {7, 8, 20})
-    summary = train(cfg(tokens, tmp_path), MODEL)
+    summary = train(train_cfg(tokens, tmp_path, log_every=5), MODEL)
     out = " ".join(capsys.readouterr().out.split())
     assert "skipped 2 update(s)" in out and "skipped 1 update(s)" in out and "(3 in all)" in out
     assert not summary["failed"] and summary["steps"] == 30
@@ -76,7 +50,7 @@ def test_non_finite_updates_are_skipped_and_counted(tokens: Path, tmp_path: Path
 
 def test_a_run_of_non_finite_losses_stops_with_the_last_good_checkpoint(tokens: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     poison(monkeypatch, set(range(12, 100)))
-    summary = train(cfg(tokens, tmp_path, save_every=10, max_bad_steps=5), MODEL)
+    summary = train(train_cfg(tokens, tmp_path, log_every=5, save_every=10, max_bad_steps=5), MODEL)
     out = " ".join(capsys.readouterr().out.split())
     assert summary["failed"] and "updates in a row had a non-finite" in summary["stop_reason"]
     assert "last good checkpoint" in out and "--resume" in out
@@ -89,13 +63,13 @@ def test_a_run_of_non_finite_losses_stops_with_the_last_good_checkpoint(tokens: 
 
 def test_gradient_norm_spike_is_a_warning(tokens: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     poison(monkeypatch, {25}, factor=1e4)
-    summary = train(cfg(tokens, tmp_path, grad_clip=1.0), MODEL)
+    summary = train(train_cfg(tokens, tmp_path, log_every=5, grad_clip=1.0), MODEL)
     assert "gradient norm spike: 1 step(s)" in " ".join(capsys.readouterr().out.split())
     assert not summary["failed"]
 
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_batch(tokens: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    train(cfg(tokens, tmp_path / "ref", batch_size=4, total_batch_tokens=8 * 32, max_steps=10), MODEL)
+    train(train_cfg(tokens, tmp_path / "ref", log_every=5, batch_size=4, total_batch_tokens=8 * 32, max_steps=10), MODEL)
     forward = GPT.forward
 
     def patched(self, idx, targets=None, cache=None):
@@ -104,7 +78,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_batch(tokens: Path, 
         return forward(self, idx, targets, cache)
 
     monkeypatch.setattr(GPT, "forward", patched)
-    train(cfg(tokens, tmp_path / "oom", batch_size=8, max_steps=10), MODEL)
+    train(train_cfg(tokens, tmp_path / "oom", log_every=5, batch_size=8, max_steps=10), MODEL)
     assert "out of memory at step 1: micro-batch 8 -> 4, accumulation 1 -> 2 (same batch)" in " ".join(capsys.readouterr().out.split())
     ref, oom = losses(tmp_path / "ref" / "run"), losses(tmp_path / "oom" / "run")
     assert ref.keys() == oom.keys() and all(ref[k] == pytest.approx(oom[k], abs=1e-5) for k in ref)
@@ -120,7 +94,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tokens: Path, tmp_path: 
         return save_file(*args, **kw)
 
     monkeypatch.setattr(checkpoint, "save_file", disk_full)
-    summary = train(cfg(tokens, tmp_path), MODEL)
+    summary = train(train_cfg(tokens, tmp_path, log_every=5), MODEL)
     out = " ".join(capsys.readouterr().out.split())
     assert "could not write checkpoint 'last' at step 20 (No space left on device)" in out
     assert "is intact" in out and summary["failed"]
@@ -131,7 +105,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tokens: Path, tmp_path: 
 
 
 def test_crash_between_the_two_renames_falls_back_to_the_old_copy(tokens: Path, tmp_path: Path) -> None:
-    train(cfg(tokens, tmp_path, max_steps=10), MODEL)
+    train(train_cfg(tokens, tmp_path, log_every=5, max_steps=10), MODEL)
     run = tmp_path / "run"
     os.replace(run / "last", run / ".last.old")
     (run / "last").mkdir()
@@ -157,19 +131,29 @@ def test_sigkill_at_random_moments_then_resume_reaches_the_same_final_loss(token
     assert whole.returncode == 0, whole.stderr[-2000:]
     rng = random.Random(1234)
     run = tmp_path / "split" / "run"
+    has_checkpoint = lambda: (run / "last").exists() or (run / ".last.old").exists()  # noqa: E731
     for kill in range(5):
-        proc = start(cmd(tmp_path / "split", resume=(run / "last").exists() or (run / ".last.old").exists()))
-        if kill == 2:  # the moment a checkpoint write begins
-            deadline = time.time() + 60
+        before = (run / "last" / "manifest.json").stat().st_mtime if (run / "last").exists() else 0.0
+        proc = start(cmd(tmp_path / "split", resume=has_checkpoint()))
+        deadline = time.time() + 120
+        if kill == 0:  # during start-up, before anything is written
+            time.sleep(rng.uniform(0.2, 1.5))
+        elif kill == 2:  # the moment a checkpoint write begins
             while not (run / ".last.tmp").exists() and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.0005)
-        else:
-            time.sleep(rng.uniform(2.5, 5.0))
+        else:  # a random moment after this process has saved a new checkpoint
+            while proc.poll() is None and time.time() < deadline:
+                manifest = run / "last" / "manifest.json"
+                if manifest.exists() and manifest.stat().st_mtime > before:
+                    break
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 1.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        if (run / "last").exists() or (run / ".last.old").exists():
+        if has_checkpoint():
             load_model(find_checkpoint(run, "last"))  # loadable after every kill
-    done = subprocess.run(cmd(tmp_path / "split", True), env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    assert has_checkpoint()
+    done = subprocess.run(cmd(tmp_path / "split", resume=True), env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert losses(run) == losses(tmp_path / "whole" / "run")
     evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln]

@@ -11,44 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_user_error, run_script, toy_documents
+from conftest import MODEL, MODEL_ARGS, ROOT, assert_user_error, losses, metrics, run_script, train_cfg
 
 from minigpt.checkpoint import find_checkpoint, load_model, save_checkpoint
 from minigpt.common import UserError
-from minigpt.config import PrepareConfig, TokenizerConfig, TrainConfig
-from minigpt.corpus import prepare
-from minigpt.tokenizer import build
 from minigpt.train import train
-
-MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
-MODEL_ARGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32"]
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("train")
-    corpus = tmp / "toy.txt"
-    corpus.write_text("\n\n".join(toy_documents(600)) + "\n", encoding="utf-8")
-    data, _ = prepare(PrepareConfig(inputs=[str(corpus)], out_dir=str(tmp / "data"), val_fraction=0.1))
-    return build(TokenizerConfig(data=str(data), vocab_size=320)).out
-
-
-def cfg(tokens: Path, runs: Path, **kw) -> TrainConfig:
-    base = dict(data=str(tokens), runs_dir=str(runs), name="run", batch_size=8, max_steps=30, lr=3e-3,
-                warmup_steps=5, log_every=1, eval_every=10, eval_tokens=2048, sample_every=1000, device="cpu")
-    return TrainConfig(**(base | kw))
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
 
 
 def test_loss_falls_and_run_folder_is_complete(tokens: Path, tmp_path: Path) -> None:
-    summary = train(cfg(tokens, tmp_path, max_steps=40), MODEL)
+    summary = train(train_cfg(tokens, tmp_path, max_steps=40), MODEL)
     run = tmp_path / "run"
     curve = losses(run)
     assert curve[40] < curve[1] - 1.0, curve
@@ -64,12 +35,12 @@ def test_loss_falls_and_run_folder_is_complete(tokens: Path, tmp_path: Path) -> 
 
 
 def test_early_stopping_on_val_patience(tokens: Path, tmp_path: Path) -> None:
-    summary = train(cfg(tokens, tmp_path, lr=0.0, warmup_steps=1, eval_every=3, patience=2), MODEL)
+    summary = train(train_cfg(tokens, tmp_path, lr=0.0, warmup_steps=1, eval_every=3, patience=2), MODEL)
     assert summary["steps"] == 9 and "no better val loss in 2 evaluations" in summary["stop_reason"]
 
 
 def test_checkpoint_round_trip(tokens: Path, tmp_path: Path) -> None:
-    train(cfg(tokens, tmp_path, max_steps=5), MODEL)
+    train(train_cfg(tokens, tmp_path, max_steps=5), MODEL)
     model, config = load_model(find_checkpoint(tmp_path / "run", "last"))
     save_checkpoint(tmp_path / "copy", "last", model, {k: v for k, v in config.items() if k != "format_version"},
                     tokens / "tokenizer.json")
@@ -80,8 +51,8 @@ def test_checkpoint_round_trip(tokens: Path, tmp_path: Path) -> None:
 
 
 def test_accumulation_matches_one_large_batch(tokens: Path, tmp_path: Path) -> None:
-    train(cfg(tokens, tmp_path / "big", batch_size=16, max_steps=6, eval_every=100), MODEL)
-    train(cfg(tokens, tmp_path / "acc", batch_size=4, total_batch_tokens=16 * 32, max_steps=6, eval_every=100), MODEL)
+    train(train_cfg(tokens, tmp_path / "big", batch_size=16, max_steps=6, eval_every=100), MODEL)
+    train(train_cfg(tokens, tmp_path / "acc", batch_size=4, total_batch_tokens=16 * 32, max_steps=6, eval_every=100), MODEL)
     big, acc = losses(tmp_path / "big" / "run"), losses(tmp_path / "acc" / "run")
     assert big.keys() == acc.keys()
     for step in big:
@@ -154,14 +125,14 @@ def test_batch_and_context_errors(tokens: Path, tmp_path: Path) -> None:
     assert_user_error(run_script("03_train.py", *base, *MODEL_ARGS, "--total-batch-tokens", "100"), "multiple of")
     assert_user_error(run_script("03_train.py", "--data", str(tmp_path / "missing")), "does not exist")
     with pytest.raises(UserError, match="shorter than one context"):
-        train(cfg(tokens, tmp_path, max_steps=1), MODEL | {"block_size": 100_000})
+        train(train_cfg(tokens, tmp_path, max_steps=1), MODEL | {"block_size": 100_000})
 
 
 def test_cli_help_and_generate(tokens: Path, tmp_path: Path) -> None:
     for script in ("01_prepare_data.py", "02_train_tokenizer.py", "03_train.py", "quick_test.py", "minigpt"):
         proc = run_script(script, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout, proc.stderr
-    train(cfg(tokens, tmp_path, max_steps=80, eval_every=40), MODEL)
+    train(train_cfg(tokens, tmp_path, max_steps=80, eval_every=40), MODEL)
     run = str(tmp_path / "run")
     proc = run_script("minigpt", "generate", "--run", run, "--prompt", "Әнием", "--max-new-tokens", "12", "--temperature", "0")
     assert proc.returncode == 0 and proc.stdout.split("\n")[1].startswith("Әнием"), proc.stdout + proc.stderr
@@ -173,6 +144,6 @@ def test_cli_help_and_generate(tokens: Path, tmp_path: Path) -> None:
     proc = run_script("quick_test.py", "--run", run, "--max-new-tokens", "8", "--temperature", "0.8")
     assert proc.returncode == 0 and "better than the unigram baseline" in proc.stdout, proc.stdout + proc.stderr
     assert "val_bpb" in proc.stdout and "perplexity" in proc.stdout
-    train(cfg(tokens, tmp_path, name="untrained", max_steps=1, lr=0.0), MODEL)
+    train(train_cfg(tokens, tmp_path, name="untrained", max_steps=1, lr=0.0), MODEL)
     proc = run_script("quick_test.py", "--run", str(tmp_path / "untrained"), "--max-new-tokens", "4")
     assert proc.returncode == 1 and "no better than a unigram baseline" in proc.stdout, proc.stdout + proc.stderr
