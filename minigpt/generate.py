@@ -194,5 +194,22 @@ def _load(folder: Path, device: torch.device | str) -> Loaded:
         )
     model.eval()
     scheme = (config.get("quantization") or {}).get("scheme")
-    path = int8_path(model, torch.device(device)) if scheme == "int8" else (scheme or "fp32")
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    path = inference_dtype(model, dtype) if scheme != "fp16" else "fp16"
+    if scheme == "int8":
+        path = f"{int8_path(model, device)}, {path} activations"
     return Loaded(model, tokenizer, config, folder, path)
+
+
+def inference_dtype(model: GPT, dtype: torch.dtype | None) -> str:
+    """Run inference in `dtype` (bf16 on GPUs that have it): float weights cast, int8 weights kept,
+    and the activations (hence the KV cache) in that dtype. Returns the dtype's name."""
+    from .quantize import Int8Embedding
+
+    if dtype is not None:
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+        if isinstance(model.wte, Int8Embedding):
+            model.wte.out_dtype = dtype
+    return str(next(model.parameters()).dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")

@@ -53,9 +53,10 @@ class Int8Embedding(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
+        self.out_dtype = torch.float32  # the activation dtype of the whole model follows from this
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.weight[idx].float() * self.scale[idx][..., None]
+        return (self.weight[idx].float() * self.scale[idx][..., None]).to(self.out_dtype)
 
 
 def _linears(model: GPT) -> list[tuple[nn.Module, str]]:

@@ -120,3 +120,23 @@ def test_errors(run: Path, tmp_path: Path) -> None:
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in (wrong / tag).iterdir()}
         (wrong / tag / "manifest.json").write_text(json.dumps(files))
     assert_user_error(run_script("minigpt", "quantize", "--run", str(wrong), "--device", "cpu"), "does not belong")
+
+
+def test_bf16_inference_for_float_and_int8_models(run: Path) -> None:
+    """What CUDA inference does (bf16 activations and KV cache), checked here on CPU."""
+    from minigpt.generate import inference_dtype
+    from minigpt.model import KVCache
+
+    model, _ = load_model(find_checkpoint(run, "best"))
+    q = to_int8_model(GPT(model.cfg), int8_tensors(model)).eval()
+    x = torch.randint(0, model.cfg.vocab_size, (2, 32))
+    with torch.no_grad():
+        ref = model.eval()(x).logits
+        for m in (q, model):
+            assert inference_dtype(m, torch.bfloat16) == "bf16"
+            out = m(x).logits
+            assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.25
+            cache = KVCache(m.cfg, 1, 32, torch.device("cpu"), next(m.parameters()).dtype)
+            assert cache.k.dtype == torch.bfloat16
+            assert len(generate(m, [1, 2, 3], 10, Sampling(temperature=0))[0]) == 10
+    assert all(b.dtype == torch.int8 for n, b in q.named_buffers() if n.endswith(".weight"))
