@@ -66,13 +66,18 @@ MODEL_ARGS = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size
 
 
 @pytest.fixture(scope="session")
-def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """BPE (320 tokens) shards of 600 toy multilingual documents."""
-    tmp = tmp_path_factory.mktemp("tokens")
+def toy_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600 toy multilingual documents, prepared (10% val)."""
+    tmp = tmp_path_factory.mktemp("toy")
     corpus = tmp / "toy.txt"
     corpus.write_text("\n\n".join(toy_documents(600)) + "\n", encoding="utf-8")
-    data, _ = prepare(PrepareConfig(inputs=[str(corpus)], out_dir=str(tmp / "data"), val_fraction=0.1))
-    return build(TokenizerConfig(data=str(data), vocab_size=320)).out
+    return prepare(PrepareConfig(inputs=[str(corpus)], out_dir=str(tmp / "data"), val_fraction=0.1))[0]
+
+
+@pytest.fixture(scope="session")
+def tokens(toy_dataset: Path) -> Path:
+    """BPE (320 tokens) shards of the toy dataset."""
+    return build(TokenizerConfig(data=str(toy_dataset), vocab_size=320)).out
 
 
 def train_cfg(tokens: Path, runs: Path, **kw) -> TrainConfig:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ENGLISH, RUSSIAN, TATAR, assert_user_error, run_script, shared_corpus, toy_documents
+from conftest import ENGLISH, RUSSIAN, TATAR, assert_user_error, run_script, shared_corpus
 
 from minigpt.common import UserError
 from minigpt.config import PrepareConfig, TokenizerConfig
@@ -24,12 +24,8 @@ HARD = [
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("tok")
-    corpus = tmp / "toy.txt"
-    corpus.write_text("\n\n".join(toy_documents(300)) + "\n", encoding="utf-8")
-    out, _ = prepare(PrepareConfig(inputs=[str(corpus)], out_dir=str(tmp / "data"), val_fraction=0.1))
-    return out
+def dataset(toy_dataset: Path) -> Path:
+    return toy_dataset
 
 
 @pytest.fixture(scope="module")
