@@ -100,9 +100,9 @@ def clean_text(text: str, single_line: bool = False) -> str:
     return tidy(normalize_chars(text).replace("\ufffd", ""), single_line)
 
 
-def doc_hash(text: str) -> int:
-    """64-bit hash of a cleaned document: the key for de-duplication and for the train/val split."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+def doc_hash(raw: bytes) -> int:
+    """64-bit hash of a cleaned document's UTF-8 bytes: the key for de-duplication and the train/val split."""
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,7 +431,7 @@ def _process_batch(
                 per_src["dropped"] += 1
                 continue
         raw = text.encode("utf-8")
-        h = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+        h = doc_hash(raw)
         if dedup:
             if h in seen:
                 dups += 1
