@@ -2,8 +2,8 @@
 
 Every figure is measured here, on random weights of a preset's shape or on a trained run:
 - training: ms/step, tokens/s, MFU, peak memory, for the eager model and (on CUDA) the compiled one;
-- inference: prefill tokens/s for a prompt; decode tokens/s and ms/token p50/p95 at batch 1, and
-  tokens/s at batch 8 and 32, for the plain path (whole sequence recomputed) and the KV-cache path;
+- inference: prefill tokens/s for a prompt; decode tokens/s and ms/token p50/p95 at batch 1 (streamed),
+  and tokens/s at batch 1, 8 and 32, for each generation path in PATHS (the CUDA-graph ones on CUDA);
 - data: batches/s and tokens/s from the memmap shards, tokenizer encode MB/s.
 MFU is against the device's bf16 dense peak from a table, or a measured matmul rate when unknown.
 """
@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Group
 from rich.table import Table
 
 from .common import UserError, console, human_count
 from .config import BenchConfig, model_config
 from .corpus import iter_documents
 from .data import BatchSampler, TokenData
-from .generate import Sampling, generate, generate_reference, load_run
+from .generate import Decoder, Sampling, generate_reference, load_run
 from .model import GPT
 from .tokenizer import load_tokenizer
 from .train import autocast, make_optimizer, peak_flops, resolve_device, resolve_dtype
@@ -90,11 +91,12 @@ def bench_train(
 
     T = model.cfg.block_size
     model.train()
-    step_model: Callable[..., Any] = torch.compile(model) if compiled else model
+    step_model: Callable[..., Any] = torch.compile(model, mode=cfg.compile_mode) if compiled else model
     optimizer = make_optimizer(model, TrainConfig(lr=1e-4), device)
     x = torch.randint(0, model.cfg.vocab_size, (cfg.batch_size, T + 1), device=device)
 
     def step() -> None:
+        torch.compiler.cudagraph_mark_step_begin()  # for --compile-mode reduce-overhead; a no-op otherwise
         with autocast(device, dtype):
             loss = step_model(x[:, :-1], x[:, 1:]).loss
         loss.backward()
@@ -121,29 +123,43 @@ def bench_train(
     }
 
 
+PATHS = {  # generation paths, slowest first
+    "plain": "whole sequence recomputed per token (the reference)",
+    "cache": "static KV cache, eager step",
+    "graph": "static KV cache, step replayed from a CUDA graph",
+    "compiled": "static KV cache, torch.compile'd step in a CUDA graph",
+}
+
+
+def default_path(device: torch.device) -> str:
+    """The path `minigpt generate` takes on this device."""
+    return "graph" if device.type == "cuda" else "cache"
+
+
+def make_decoder(model: GPT, rows: int, new: int, path: str) -> Decoder:
+    return Decoder(model, rows, new, Sampling(temperature=0), graph=path in ("graph", "compiled"),
+                   compile=path == "compiled")
+
+
 @torch.no_grad()
 def bench_inference(model: GPT, cfg: BenchConfig, device: torch.device, path: str) -> dict[str, Any]:
-    """Prefill and decode figures for one generation path ('plain' or 'fast')."""
+    """Prefill and decode figures for one generation path (a key of PATHS)."""
     T = model.cfg.block_size
     prompt_len = min(cfg.prompt_tokens, T // 2)
     new = min(cfg.new_tokens, T - prompt_len)
-    gen = generate if path == "fast" else generate_reference
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,), generator=g).tolist()
-    greedy = Sampling(temperature=0)
+    x = torch.tensor([prompt], device=device)
     out: dict[str, Any] = {"prompt_tokens": prompt_len, "new_tokens": new}
 
-    # prefill: the prompt through the model once (into the cache on the fast path)
-    def prefill() -> None:
-        x = torch.tensor([prompt], device=device)
-        if path == "fast":
-            from .model import KVCache
+    reset_peak(device)
+    t0 = time.perf_counter()
+    decoder = make_decoder(model, 1, new, path) if path != "plain" else None
+    sync(device)
+    out["setup_s"] = time.perf_counter() - t0  # graph capture and compilation
 
-            cache = KVCache(model.cfg, 1, T, device, next(model.parameters()).dtype)
-            model(x, cache=cache)
-        else:
-            model(x)
-
+    # prefill: the prompt through the model once (into the cache, and the first token sampled, on the fast paths)
+    prefill = (lambda: model(x)) if decoder is None else (lambda: decoder.start(x))
     prefill()
     sync(device)
     reps, t0 = 5, time.perf_counter()
@@ -152,40 +168,54 @@ def bench_inference(model: GPT, cfg: BenchConfig, device: torch.device, path: st
     sync(device)
     out["prefill_tokens_per_s"] = prompt_len * reps / (time.perf_counter() - t0)
 
-    reset_peak(device)
+    # batch 1, streamed: every token reaches the host, as `minigpt generate` shows it
     stamps: list[float] = []
 
-    def stamp(_: int) -> None:  # streaming-style: each token reaches the host
+    def stamp(_: int) -> None:
         stamps.append(time.perf_counter())
 
-    gen(model, prompt, 4, greedy, 1)  # warm-up
-    t0 = time.perf_counter()
-    gen(model, prompt, new, greedy, 1, on_token=stamp)
+    greedy = Sampling(temperature=0)
+    if decoder is None:
+        generate_reference(model, prompt, 4, greedy, 1)  # warm-up
+        t0 = time.perf_counter()
+        generate_reference(model, prompt, new, greedy, 1, on_token=stamp)
+    else:
+        decoder.run(x)  # warm-up
+        t0 = time.perf_counter()
+        decoder.run(x, on_token=stamp)
     gaps = [b - a for a, b in itertools.pairwise([t0, *stamps])][1:]  # the first gap is the prefill
-    out["decode_batch1_tokens_per_s"] = len(gaps) / sum(gaps)
     out["ms_per_token_p50"] = statistics.median(gaps) * 1000
     out["ms_per_token_p95"] = sorted(gaps)[max(0, int(0.95 * len(gaps)) - 1)] * 1000
-    for rows in BATCHES[1:]:
-        out[f"decode_batch{rows}_tokens_per_s"] = decode_tokens_per_s(model, prompt, new, rows, device, gen)
+    for rows in BATCHES:
+        out[f"decode_batch{rows}_tokens_per_s"] = decode_tokens_per_s(model, prompt, new, rows, device, path)
     out["peak_memory_gib"] = peak_memory(device)
     return out
 
 
-def decode_tokens_per_s(
-    model: GPT, prompt: list[int], new: int, rows: int, device: torch.device, gen: Callable[..., Any] = generate
-) -> float:
-    """Greedy decoding throughput (all rows, prefill excluded by a warm-up of the same prompt)."""
-    greedy = Sampling(temperature=0)
-    gen(model, prompt, 2, greedy, rows)
-    sync(device)
-    t0 = time.perf_counter()
-    gen(model, prompt, 1, greedy, rows)  # the prefill alone, to subtract
-    sync(device)
-    prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    gen(model, prompt, new, greedy, rows)
-    sync(device)
-    return rows * (new - 1) / max(time.perf_counter() - t0 - prefill, 1e-9)
+@torch.no_grad()
+def decode_tokens_per_s(model: GPT, prompt: list[int], new: int, rows: int, device: torch.device, path: str) -> float:
+    """Greedy decoding throughput of all rows, without streaming, prefill excluded."""
+    x = torch.tensor([prompt] * rows, device=device)
+    if path == "plain":
+        greedy = Sampling(temperature=0)
+        run = lambda: generate_reference(model, prompt, new, greedy, rows)  # noqa: E731
+        prefill = lambda: model(x)  # noqa: E731
+        generate_reference(model, prompt, 2, greedy, rows)  # warm-up (short: this path is slow)
+    else:
+        decoder = make_decoder(model, rows, new, path)
+        run, prefill = (lambda: decoder.run(x)), (lambda: decoder.start(x))
+        run()  # warm-up
+    times = []
+    for fn in (prefill, run):  # the best of a few runs: the figure the device can reach, less the noise
+        best = float("inf")
+        for _ in range(1 if path == "plain" else 3):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
+    return rows * (new - 1) / max(times[1] - times[0], 1e-9)
 
 
 def bench_data(data: TokenData, block: int, batch: int) -> dict[str, Any]:
@@ -255,7 +285,8 @@ def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
         inference_model.load_state_dict(model.state_dict())
     inference_model.eval()
     with console.status("timing generation..."):
-        result["inference"] = {p: bench_inference(inference_model, cfg, device, p) for p in ("plain", "fast")}
+        paths = ["plain", "cache"] + (["graph"] + (["compiled"] if cfg.compile else []) if device.type == "cuda" else [])
+        result["inference"] = {p: bench_inference(inference_model, cfg, device, p) if p in paths else None for p in PATHS}
     result["data"] = None
     if data_path:
         try:
@@ -267,33 +298,44 @@ def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def bench_table(r: dict[str, Any]) -> Table:
-    t = Table(title=f"minigpt bench: {r['device_name']} ({r['device']}, {r['dtype']}), torch {r['torch']}")
-    for col in ("", "figure", "plain / eager", "fast / compiled"):
-        t.add_column(col, justify="left" if col in ("", "figure") else "right")
-    m = r["model"]
-    t.caption = (f"{r['source']}: {human_count(r['params'])} parameters, {m['n_layer']} layers x {m['n_embd']}, "
-                 f"context {m['block_size']}, vocab {m['vocab_size']}; MFU against {r['peak_flops'] / 1e12:.3g} "
-                 f"TFLOP/s ({r['peak_source']})")
+def bench_table(r: dict[str, Any]) -> Group:
+    """Three small tables (training, generation, data), with a column only for the paths that ran."""
     fmt = lambda v, f="{:,.0f}": "-" if v is None else f.format(v)  # noqa: E731
-    eager, comp = r["train"]["eager"] or {}, r["train"]["compiled"] or {}
-    rows = [("train", "ms / step", "ms_per_step", "{:.1f}"), ("train", "tokens / s", "tokens_per_s", "{:,.0f}"),
-            ("train", "MFU", "mfu", "{:.1%}"), ("train", "peak memory GiB", "peak_memory_gib", "{:.2f}")]
-    for section, label, key, f in rows:
-        t.add_row(section, label, fmt(eager.get(key), f), fmt(comp.get(key), f))
-    plain, fast = r["inference"]["plain"], r["inference"]["fast"]
-    for label, key, f in [
-        (f"prefill tokens/s ({fast['prompt_tokens']} prompt)", "prefill_tokens_per_s", "{:,.0f}"),
+
+    def table(title: str, columns: dict[str, dict[str, Any]], rows: list[tuple[str, str, str]]) -> Table:
+        t = Table(title=title, title_justify="left")
+        t.add_column("figure")
+        for name in columns:
+            t.add_column(name, justify="right")
+        for label, key, f in rows:
+            t.add_row(label, *(fmt(c.get(key), f) for c in columns.values()))
+        return t
+
+    m = r["model"]
+    head = (f"[bold]minigpt bench[/]: {r['device_name']} ({r['device']}, {r['dtype']}), torch {r['torch']}\n"
+            f"{r['source']}: {human_count(r['params'])} parameters, {m['n_layer']} layers x {m['n_embd']}, "
+            f"context {m['block_size']}, vocab {m['vocab_size']}; MFU against {r['peak_flops'] / 1e12:.3g} "
+            f"TFLOP/s ({r['peak_source']})")
+    parts: list[Any] = [head]
+    train = {k: v for k, v in r["train"].items() if v}
+    if train:
+        parts.append(table("training", train, [
+            ("ms / step", "ms_per_step", "{:.1f}"), ("tokens / s", "tokens_per_s", "{:,.0f}"),
+            ("MFU", "mfu", "{:.1%}"), ("peak memory GiB", "peak_memory_gib", "{:.2f}")]))
+    paths = {k: v for k, v in r["inference"].items() if v}
+    prompt = next(iter(paths.values()))["prompt_tokens"]
+    parts.append(table("generation (greedy)", paths, [
+        (f"prefill tokens/s ({prompt} prompt)", "prefill_tokens_per_s", "{:,.0f}"),
         ("decode tokens/s, batch 1", "decode_batch1_tokens_per_s", "{:,.0f}"),
-        ("ms/token p50, batch 1", "ms_per_token_p50", "{:.2f}"),
-        ("ms/token p95, batch 1", "ms_per_token_p95", "{:.2f}"),
+        ("ms/token p50, batch 1 streamed", "ms_per_token_p50", "{:.3f}"),
+        ("ms/token p95, batch 1 streamed", "ms_per_token_p95", "{:.3f}"),
         ("decode tokens/s, batch 8", "decode_batch8_tokens_per_s", "{:,.0f}"),
         ("decode tokens/s, batch 32", "decode_batch32_tokens_per_s", "{:,.0f}"),
-        ("peak memory GiB", "peak_memory_gib", "{:.2f}"),
-    ]:
-        t.add_row("inference", label, fmt(plain.get(key), f), fmt(fast.get(key), f))
+        ("setup s (capture, compile)", "setup_s", "{:.2f}"),
+        ("peak memory GiB", "peak_memory_gib", "{:.2f}")]))
+    parts.append("paths: " + "; ".join(f"{k} = {PATHS[k]}" for k in paths))
     if r["data"]:
-        t.add_row("data", "batches / s", fmt(r["data"]["batches_per_s"]), "")
-        t.add_row("data", "tokens / s", fmt(r["data"]["tokens_per_s"]), "")
-        t.add_row("data", "tokenizer encode MB/s", fmt(r["data"]["encode_mb_per_s"], "{:.2f}"), "")
-    return t
+        parts.append(table("data", {"value": r["data"]}, [
+            ("batches / s", "batches_per_s", "{:,.0f}"), ("tokens / s", "tokens_per_s", "{:,.0f}"),
+            ("tokenizer encode MB/s", "encode_mb_per_s", "{:.2f}")]))
+    return Group(*parts)

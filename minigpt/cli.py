@@ -58,10 +58,13 @@ class Streamer:
 @app.command("generate")
 @cli_command(GenerateConfig)
 def generate_cmd(cfg: GenerateConfig) -> None:
-    """Sample text from a trained run (KV cache; streaming for a single sample)."""
+    """Sample text from a trained run (static KV cache, CUDA graph on GPUs; streaming for a single sample)."""
     device = resolve_device(cfg.device)
     loaded = load_run(cfg.run, cfg.checkpoint, device)
-    console.print(f"[dim]{loaded.folder} | step {loaded.config.get('step')} | {device} | {loaded.path}[/]", highlight=False)
+    graph = cfg.cuda_graph and device.type == "cuda"
+    decode = ("compiled step, " if cfg.compile else "") + ("cuda graph" if graph else "kv cache")
+    console.print(f"[dim]{loaded.folder} | step {loaded.config.get('step')} | {device} | {loaded.path} | {decode}[/]",
+                  highlight=False)
     prompts = cfg.prompt or [""]
     if cfg.prompt and any(not p.strip() for p in cfg.prompt):
         raise UserError("a --prompt is empty; give some text, or leave --prompt out to sample from scratch.")
@@ -71,10 +74,12 @@ def generate_cmd(cfg: GenerateConfig) -> None:
         ids = prompt_ids(loaded, text)
         if stream:
             sys.stdout.write(text)
-            generate(loaded.model, ids, cfg.max_new_tokens, sampling, 1, loaded.eot, cfg.seed, Streamer(loaded))
+            generate(loaded.model, ids, cfg.max_new_tokens, sampling, 1, loaded.eot, cfg.seed, Streamer(loaded),
+                     graph=graph, compile=cfg.compile)
             sys.stdout.write("\n")
             continue
-        rows = generate(loaded.model, ids, cfg.max_new_tokens, sampling, cfg.num_samples, loaded.eot, cfg.seed + i)
+        rows = generate(loaded.model, ids, cfg.max_new_tokens, sampling, cfg.num_samples, loaded.eot, cfg.seed + i,
+                        graph=graph, compile=cfg.compile)
         for j, row in enumerate(rows):
             console.rule(f"prompt {i + 1} sample {j + 1}")
             console.print(text + loaded.decode(row), markup=False, highlight=False)

@@ -130,6 +130,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: str) -> None:
+    if mode not in COMPILE_MODES:
+        raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}.")
+
+
 def model_config(preset: str, vocab_size: int, overrides: dict[str, Any]) -> ModelConfig:
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
@@ -151,6 +159,9 @@ class TrainConfig:
     device: str = opt("auto", help="auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu.")
     dtype: str = opt("auto", help="auto (bf16 where supported, else fp16 with a scaler on CUDA, fp32 on CPU), bf16, fp16, fp32.")
     compile: bool = opt(True, help="torch.compile the model (CUDA only; ignored elsewhere).")
+    compile_mode: str = opt(
+        "default", help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs."
+    )
     seed: int = opt(1337, help="Seed for weights, batches and dropout.")
     batch_size: int = opt(32, help="Sequences per micro-batch (per process).")
     total_batch_tokens: int = opt(0, help="Tokens per optimizer step across processes and accumulation (0: one micro-batch per process).")
@@ -177,6 +188,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}.")
+        check_compile_mode(self.compile_mode)
         for name in ("batch_size", "max_steps", "log_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
@@ -200,6 +212,8 @@ class GenerateConfig:
     seed: int = opt(1337, help="Random seed.")
     device: str = opt("auto", help="auto (cuda > mps > cpu), cuda, mps or cpu.")
     stream: bool = opt(True, help="Print tokens as they come (one prompt, one sample).")
+    cuda_graph: bool = opt(True, help="On CUDA, replay each decode step from a CUDA graph (the fast path).")
+    compile: bool = opt(False, help="torch.compile the decode step first: faster per token, slower to start.")
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
@@ -236,12 +250,14 @@ class BenchConfig:
     batch_size: int = opt(16, help="Training micro-batch (sequences).")
     steps: int = opt(10, help="Timed training steps (after 3 warm-up steps).")
     compile: bool = opt(True, help="Also time the torch.compile'd model (CUDA only; CPU compile is skipped).")
+    compile_mode: str = opt("default", help="torch.compile mode for the compiled training figures (as in 03_train.py).")
     prompt_tokens: int = opt(128, help="Prompt length for the prefill figure.")
     new_tokens: int = opt(64, help="Tokens decoded per generation figure.")
     json: str = opt("", help="Also write the JSON result to this file.")
     seed: int = opt(1337, help="Random seed.")
 
     def __post_init__(self) -> None:
+        check_compile_mode(self.compile_mode)
         if self.steps < 1 or self.new_tokens < 2 or self.prompt_tokens < 1 or self.batch_size < 1:
             raise UserError("--steps, --batch-size and --prompt-tokens must be at least 1, --new-tokens at least 2.")
 

@@ -1,8 +1,16 @@
-"""Text generation: sampling rules, the KV-cache path, and the plain reference path it is tested against.
+"""Text generation: sampling rules, the fast path, and the plain reference path it is tested against.
 
 Both paths take a batch of rows that share one prompt (several samples at once) and return the new
 token ids of each row, stopping a row at <|endoftext|>. Randomness comes from a private generator,
-so sampling during training never disturbs the training RNG.
+so sampling during training never disturbs the training RNG; both paths draw the same random numbers
+in the same order, so with one seed they sample the same tokens.
+
+The fast path (`Decoder`) keeps everything in preallocated tensors: the KV cache, the current token,
+its position, the sampled tokens, the done flags. One decode step (model, sampling, bookkeeping) then
+has fixed shapes and never waits for the host, so on CUDA it is captured once in a CUDA graph (after
+`torch.compile` when asked) and each token costs one graph replay, plus one launch for the random
+numbers when sampling. The host reads results back only to stream a token or, every few tokens, to
+see whether every row has ended.
 """
 
 from __future__ import annotations
@@ -16,10 +24,12 @@ from typing import Any
 import torch
 
 from .checkpoint import find_checkpoint, latest_run, load_model
-from .common import UserError
+from .common import UserError, console
 from .model import GPT, KVCache
 from .quantize import int8_path
 from .tokenizer import load_tokenizer
+
+DONE_CHECK_EVERY = 16  # tokens between the host's looks at the done flags (each look is a device sync)
 
 
 @dataclass
@@ -30,8 +40,12 @@ class Sampling:
     repetition_penalty: float = 1.0
 
 
-def next_token(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None, gen: torch.Generator | None) -> torch.Tensor:
-    """One token per row from (rows, vocab) logits."""
+def next_token(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
+    """One token per row from (rows, vocab) logits.
+
+    `noise` holds Exp(1) random numbers of the logits' shape (unused when greedy): argmax(p / noise) is a
+    draw from p (the exponential race, the same trick `torch.multinomial` uses), with no host sync.
+    """
     logits = logits.float()
     if s.repetition_penalty != 1.0 and seen is not None:
         # CTRL-style: make tokens already present less likely, whatever the sign of their logit
@@ -48,7 +62,15 @@ def next_token(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None, gen
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs > s.top_p  # keep the smallest prefix that reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=gen).squeeze(-1)
+    assert noise is not None, "sampling needs noise"
+    return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+
+
+def draw_noise(shape: tuple[int, int], device: torch.device, gen: torch.Generator | None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Exp(1) numbers for `next_token`: the one random draw per generated token, shared by both paths."""
+    out = torch.empty(shape, device=device) if out is None else out
+    return out.exponential_(generator=gen)
 
 
 def _setup(model: GPT, prompt: list[int], rows: int, seed: int | None) -> tuple[torch.Tensor, torch.Generator | None]:
@@ -77,7 +99,8 @@ def generate_reference(
     out: list[torch.Tensor] = []
     for _ in range(max_new):
         logits = model(idx[:, -model.cfg.block_size :]).logits[:, -1]
-        tok = next_token(logits, s, seen, gen)
+        noise = draw_noise(logits.shape, idx.device, gen) if s.temperature > 0 else None
+        tok = next_token(logits, s, seen, noise)
         out.append(tok)
         idx = torch.cat([idx, tok[:, None]], dim=1)
         seen[torch.arange(rows), tok] = True
@@ -100,40 +123,138 @@ def generate(
     eot: int | None = None,
     seed: int | None = 0,
     on_token: Callable[[int], None] | None = None,
+    graph: bool | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
-    """The KV-cache path: the prompt once, then one token at a time.
+    """The fast path: the prompt once into a static KV cache, then one captured step per token.
 
-    When the context fills up, the last 3/4 of it is re-encoded into the cache and generation goes on
-    (the reference path instead slides one token at a time, so past the context the two may differ).
-    `on_token` gets row 0's new token after each step (for streaming; it costs one host sync a token).
+    `graph` (default: on CUDA) replays the step from a CUDA graph; `compile` runs it through
+    `torch.compile` first (worth its start-up time for long or batched generations). When the context
+    fills up, the last 3/4 of it is re-encoded into the cache and generation goes on (the reference
+    path instead slides one token at a time, so past the context the two may differ). `on_token` gets
+    row 0's new token after each step (for streaming; it costs one host sync a token).
     """
     idx, gen = _setup(model, prompt, rows, seed)
-    T = model.cfg.block_size
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, rows, T, idx.device, dtype)
-    seen = _seen(idx, model.cfg.vocab_size)
-    done = torch.zeros(rows, dtype=torch.bool, device=idx.device)
-    logits = model(idx[:, -T:], cache=cache).logits[:, -1]
-    out: list[torch.Tensor] = []
-    for step in range(max_new):
-        tok = next_token(logits, s, seen, gen)
-        out.append(tok)
-        seen[torch.arange(rows), tok] = True
-        if on_token is not None:
-            on_token(int(tok[0]))
-        if eot is not None:
-            done |= tok == eot
-            if done.all():
-                break
-        if step == max_new - 1:
-            break
-        if cache.pos == T:  # context full: keep the most recent 3/4 and carry on
-            idx = torch.cat([idx, torch.stack(out, dim=1)], dim=1)
-            cache.pos = 0
-            logits = model(idx[:, -(3 * T) // 4 :], cache=cache).logits[:, -1]
+    decoder = Decoder(model, rows, max_new, s, eot, gen, graph=graph, compile=compile)
+    return _finish(decoder.run(idx, on_token), eot, rows)
+
+
+class Decoder:
+    """Generation state in preallocated tensors, advanced one token per `step` (see the module doc)."""
+
+    def __init__(
+        self, model: GPT, rows: int, max_new: int, s: Sampling, eot: int | None = None,
+        gen: torch.Generator | None = None, graph: bool | None = None, compile: bool = False,
+    ) -> None:
+        p = next(model.parameters())
+        device, vocab = p.device, model.cfg.vocab_size
+        self.model, self.s, self.eot, self.gen, self.max_new = model, s, eot, gen, max_new
+        dtype = model.wte.out_dtype if hasattr(model.wte, "out_dtype") else p.dtype  # int8: the activations' dtype
+        self.cache = KVCache(model.cfg, rows, model.cfg.block_size, device, dtype)
+        self.tok = torch.zeros(rows, dtype=torch.long, device=device)  # the last sampled token of each row
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # where `tok` goes in the cache
+        self.n = torch.zeros((), dtype=torch.long, device=device)  # tokens sampled so far
+        self.out = torch.zeros(rows, max_new, dtype=torch.long, device=device)
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device) if s.repetition_penalty != 1 else None
+        self.noise = torch.empty(rows, vocab, device=device) if s.temperature > 0 else None
+        self.step_fn: Callable[[], None] = self._step
+        if compile:
+            self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if graph is None:
+            graph = device.type == "cuda"
+        if graph:
+            self.graph = self._capture()
+
+    # the step: everything below runs on the device, in fixed shapes
+
+    def _sample(self, logits: torch.Tensor) -> None:
+        tok = next_token(logits, self.s, self.seen, self.noise)
+        self.tok.copy_(tok)
+        self.out.index_copy_(1, self.n.view(1), tok[:, None])
+        self.n.add_(1)
+        if self.seen is not None:
+            self.seen.scatter_(1, tok[:, None], True)
+        if self.eot is not None:
+            self.done.logical_or_(tok == self.eot)
+
+    def _step(self) -> None:
+        logits = self.model.decode(self.tok, self.pos, self.cache)
+        self.pos.add_(1)
+        self._sample(logits)
+
+    def _capture(self) -> torch.cuda.CUDAGraph | None:
+        """Record one step in a CUDA graph (warm-up steps first, on a side stream, as capture requires)."""
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # also compiles, when compiling
+                    self.step_fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.step_fn()
+            return graph
+        except RuntimeError as e:  # keep generating, without the graph, and say so
+            console.print(f"[yellow]CUDA graph capture failed ({str(e).splitlines()[0][:120]}); decoding without it[/]")
+            torch.cuda.synchronize()
+            return None
+
+    # the host loop
+
+    def start(self, idx: torch.Tensor) -> None:
+        """A new generation after the prompt rows `idx`: reset the state, encode the prompt (its last
+        context's worth) and sample the first token."""
+        self.n.zero_()
+        self.done.zero_()
+        if self.seen is not None:
+            self.seen.zero_().scatter_(1, idx, True)
+        self._prefill(idx[:, -self.model.cfg.block_size :])
+
+    def _prefill(self, idx: torch.Tensor) -> None:
+        """Encode `idx` into an empty cache and sample the token after it."""
+        self.cache.pos = 0
+        logits = self.model(idx, cache=self.cache).logits[:, -1]
+        self.pos.fill_(idx.size(1))
+        self._draw()
+        self._sample(logits)
+
+    def _draw(self) -> None:
+        if self.noise is not None:
+            draw_noise(self.noise.shape, self.noise.device, self.gen, out=self.noise)
+
+    def step(self) -> None:
+        self._draw()
+        if self.graph is not None:
+            self.graph.replay()
         else:
-            logits = model(tok[:, None], cache=cache).logits[:, -1]
-    return _finish(out, eot, rows)
+            self.step_fn()
+
+    def run(self, idx: torch.Tensor, on_token: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Generate up to `max_new` tokens after the prompt rows `idx`; returns (rows, produced)."""
+        T = self.model.cfg.block_size
+        self.start(idx)
+        filled = min(idx.size(1), T)
+        produced = 1
+        while True:
+            if on_token is not None:
+                on_token(int(self.tok[0]))
+            if produced == self.max_new:
+                break
+            if self.eot is not None and (on_token is not None or produced % DONE_CHECK_EVERY == 0):
+                if bool(self.done.all()):
+                    break
+            if filled == T:  # context full: keep the most recent 3/4 (with the newest token) and carry on
+                history = torch.cat([idx, self.out[:, :produced]], dim=1)[:, -(3 * T) // 4 :]
+                self._prefill(history)
+                filled = history.size(1)
+            else:
+                self.step()
+                filled += 1
+            produced += 1
+        return self.out[:, :produced]
 
 
 def _seen(idx: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -141,10 +262,10 @@ def _seen(idx: torch.Tensor, vocab: int) -> torch.Tensor:
     return seen.scatter_(1, idx, True)
 
 
-def _finish(out: list[torch.Tensor], eot: int | None, rows: int) -> list[list[int]]:
-    if not out:
+def _finish(out: list[torch.Tensor] | torch.Tensor, eot: int | None, rows: int) -> list[list[int]]:
+    if len(out) == 0:
         return [[] for _ in range(rows)]
-    result = torch.stack(out, dim=1).tolist()
+    result = (out if isinstance(out, torch.Tensor) else torch.stack(out, dim=1)).tolist()
     if eot is not None:
         result = [r[: r.index(eot)] if eot in r else r for r in result]
     return result

@@ -9,8 +9,10 @@ Departures from GPT-2, each a common modern choice:
 - token embedding and output head tied by default (`tie_embeddings`);
 - residual projections initialised with std 0.02 / sqrt(2 * n_layer), as in GPT-2's paper.
 
-`KVCache` is a preallocated (static) cache for generation; `GPT.forward` with a cache processes new
-tokens at position `cache.pos`. The plain path without a cache is the reference it is tested against.
+`KVCache` is a preallocated (static) cache for generation: `GPT.forward` with a cache fills it from a
+prompt (at position `cache.pos`), and `GPT.decode` adds one token per row at a position held in a tensor,
+with fixed shapes and no host sync, so that step can be captured in a CUDA graph. The plain path without
+a cache is the reference both are tested against.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ class KVCache:
         shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # positions filled so far (the same for every row of the batch)
+        self.pos = 0  # positions filled so far by `GPT.forward` (the same for every row of the batch)
         self.max_len = max_len
+        self.positions = torch.arange(max_len, device=device)
 
 
 def rotary_tables(cfg: ModelConfig, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,12 +63,17 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+        at: torch.Tensor | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).transpose(1, 3).unbind(dim=2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, D)
-        if cache is None:
+        if at is not None and cache is not None:  # GPT.decode: one token at position `at`, fixed shapes
+            cache.k[layer].index_copy_(2, at, k)
+            cache.v[layer].index_copy_(2, at, v)
+            y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask)
+        elif cache is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
             )
@@ -109,9 +117,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+        at: torch.Tensor | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer))
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer, at, mask))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -169,6 +178,24 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return Output(logits, loss)
+
+    def decode(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (rows, vocab) after one new token per row, `tok` (rows,), at position `pos` (a 0-d tensor).
+
+        Every shape is fixed and nothing is read back to the host, so the step can be captured in a CUDA
+        graph and replayed for each token: the token's keys and values go into the cache at `pos`, and
+        attention reads the whole cache with the positions after `pos` masked out. The cache must hold
+        exactly the rows of `tok`, and `pos` must be below `cache.max_len`.
+        """
+        at = pos.view(1)
+        cos, sin = self.cos.index_select(0, at), self.sin.index_select(0, at)
+        x = self.wte(tok[:, None])
+        # additive mask, built once for all layers: 0 where visible, -inf after `pos`
+        mask = torch.zeros(cache.max_len, dtype=x.dtype, device=x.device)
+        mask = mask.masked_fill(cache.positions > pos, float("-inf")).view(1, 1, 1, -1)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i, at, mask)
+        return self.lm_head(self.norm_f(x))[:, 0]
 
     def num_params(self) -> int:
         """Weights, a tied matrix once; int8 models keep their matrices as buffers named `weight`."""

@@ -151,7 +151,7 @@ def quantize_run(cfg: Any) -> dict[str, Any]:
     # imported here: checkpoint and generate import this module
     from pathlib import Path
 
-    from .bench import decode_tokens_per_s
+    from .bench import decode_tokens_per_s, default_path
     from .checkpoint import latest_run, model_tensors, save_checkpoint
     from .common import UserError, console
     from .data import TokenData, eval_windows
@@ -188,7 +188,8 @@ def quantize_run(cfg: Any) -> dict[str, Any]:
     for label, loaded in (("before", before), ("after", after)):
         with console.status(f"measuring {label}..."):
             loss, bpb = evaluate(loaded.model, data, windows, block, 16, device, torch.float32, Dist())
-            speed = {rows: decode_tokens_per_s(loaded.model, prompt, cfg.new_tokens, rows, device) for rows in (1, 32)}
+            path = default_path(device)
+            speed = {rows: decode_tokens_per_s(loaded.model, prompt, cfg.new_tokens, rows, device, path) for rows in (1, 32)}
         size = (loaded.folder / "model.safetensors").stat().st_size
         report[label] = {"bytes": size, "val_loss": loss, "val_bpb": bpb, "decode_batch1_tokens_per_s": speed[1],
                          "decode_batch32_tokens_per_s": speed[32], "path": loaded.path}

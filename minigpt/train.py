@@ -276,7 +276,7 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
         torch.manual_seed(cfg.seed + d.rank)  # dropout differs per process, weights do not
 
     if cfg.compile and device.type == "cuda":
-        model = torch.compile(model)
+        model = torch.compile(model, mode=cfg.compile_mode)
     if d.world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -478,7 +478,9 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
                     stop_reason = f"no better val loss in {cfg.patience} evaluations"
                     final = True
             if d.main and tok is not None and (step % sample_every == 0 or (final and not interrupted)):
-                ids = generate(raw_model, [data.meta["eot_id"]], 64, Sampling(0.8, top_k=50), eot=data.meta["eot_id"], seed=step)
+                raw_model.eval()  # no dropout while sampling; eager decoding: 64 tokens do not pay for a graph
+                ids = generate(raw_model, [data.meta["eot_id"]], 64, Sampling(0.8, top_k=50), eot=data.meta["eot_id"],
+                               seed=step, graph=False)
                 raw_model.train()
                 console.print(f"[dim]sample:[/] {tok.decode(ids[0], skip_special_tokens=False)!r}")
             if step % save_every == 0 or final:
@@ -528,6 +530,9 @@ def _forward_backward(
     for micro in range(accum):
         rows = batch[micro * micro_bs : (micro + 1) * micro_bs]
         sync = micro == accum - 1 or world == 1  # DDP all-reduces gradients on the last micro-batch only
+        # Under --compile-mode reduce-overhead this tells the CUDA graphs the last outputs are no longer
+        # needed (a no-op otherwise).
+        torch.compiler.cudagraph_mark_step_begin()
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
             loss = model(rows[:, :-1], rows[:, 1:]).loss / accum
         scaler.scale(loss).backward()
@@ -558,7 +563,7 @@ def _print_header(
     console.print(
         f"{human_count(model.num_params())} parameters | {data.folder} ({data.meta['kind']}, vocab {data.vocab_size}, "
         f"train {human_count(data.train.tokens)} / val {human_count(data.val.tokens)} tokens) | {device} {str(dtype)[6:]}"
-        f"{' compiled' if cfg.compile and device.type == 'cuda' else ''} | {d.world} process(es) | "
+        f"{f' compiled ({cfg.compile_mode})' if cfg.compile and device.type == 'cuda' else ''} | {d.world} process(es) | "
         f"{rows_per_step * mcfg.block_size:,} tokens/step = {rows_per_step} x {mcfg.block_size} ({accum} accumulation) | "
         f"run {run_dir}" + (f" | resuming at step {start_step}" if start_step else "")
     )

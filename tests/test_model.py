@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minigpt.config import ModelConfig, model_config
-from minigpt.generate import Sampling, generate, generate_reference, next_token
+from minigpt.generate import Decoder, Sampling, draw_noise, generate, generate_reference, next_token
 from minigpt.model import GPT, KVCache
 
 
@@ -54,6 +54,52 @@ def test_cache_prefill_in_chunks_equals_one_forward() -> None:
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
+def test_decode_step_matches_the_full_forward() -> None:
+    """GPT.decode, one token at a time at a tensor position, gives the logits of the plain forward."""
+    model = small()
+    x = torch.randint(0, 97, (3, 48))
+    cache = KVCache(model.cfg, 3, 48, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        full = model(x).logits
+        model(x[:, :5], cache=cache)  # a prompt, then single tokens
+        steps = [model.decode(x[:, t], torch.tensor(t), cache) for t in range(5, 48)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 5:], rtol=1e-4, atol=1e-5)
+
+
+def test_decode_step_traces_whole_with_no_host_sync() -> None:
+    """The per-token step compiles as one graph: no graph break, so no read-back to the host and no
+    data-dependent shape, which is what a CUDA graph capture needs (the capture itself is tested on GPU)."""
+    torch._dynamo.reset()
+    model = small()
+    for s in (Sampling(temperature=0), Sampling(temperature=0.9, top_k=10, top_p=0.9, repetition_penalty=1.2)):
+        dec = Decoder(model, 2, 30, s, eot=96, gen=torch.Generator().manual_seed(0), graph=False)
+        dec.step_fn = torch.compile(dec._step, fullgraph=True, dynamic=False, backend="eager")
+        out = [r[: r.index(96)] if 96 in r else r for r in dec.run(torch.tensor([[1, 2, 3]] * 2)).tolist()]
+        assert out == generate_reference(model, [1, 2, 3], 30, s, rows=2, eot=96, seed=0)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_reference() -> None:
+    """`--compile` through inductor (on CPU here; on CUDA the same step then goes into the graph)."""
+    torch._dynamo.reset()
+    model = small()
+    fast = generate(model, [1, 2, 3], 60, Sampling(temperature=0), rows=2, graph=False, compile=True)  # slides past 48
+    assert [r[:40] for r in fast] == generate_reference(model, [1, 2, 3], 40, Sampling(temperature=0), rows=2)
+    assert fast == generate(model, [1, 2, 3], 60, Sampling(temperature=0), rows=2, graph=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decoding_matches_reference(compile: bool) -> None:
+    model = small().cuda()
+    prompt = [5, 17, 3, 88, 42, 7]
+    for s, seed in ((Sampling(temperature=0), 0), (Sampling(temperature=1.0, top_k=30), 5)):
+        fast = generate(model, prompt, 100, s, rows=4, seed=seed, graph=True, compile=compile)  # slides past 48
+        eager = generate(model, prompt, 100, s, rows=4, seed=seed, graph=False)
+        ref = generate_reference(model, prompt, 40, s, rows=4, seed=seed)
+        assert fast == eager and [r[:40] for r in fast] == ref
+
+
 def test_generation_past_the_context_and_stop_at_eot() -> None:
     model = small()
     out = generate(model, [1, 2], 120, Sampling(temperature=0), rows=2)  # context is 48: slides
@@ -67,13 +113,25 @@ def test_generation_past_the_context_and_stop_at_eot() -> None:
 def test_sampling_rules() -> None:
     logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
     gen = torch.Generator().manual_seed(0)
+    noise = lambda: draw_noise(logits.shape, logits.device, gen)  # noqa: E731
     assert next_token(logits, Sampling(temperature=0), None, None).item() == 1
     for _ in range(20):  # top_k=1 and a tiny top_p both leave only the best token
-        assert next_token(logits, Sampling(temperature=1.0, top_k=1), None, gen).item() == 1
-        assert next_token(logits, Sampling(temperature=1.0, top_p=0.01), None, gen).item() == 1
-        assert next_token(logits, Sampling(temperature=1.0, top_k=2), None, gen).item() in (1, 2)
+        assert next_token(logits, Sampling(temperature=1.0, top_k=1), None, noise()).item() == 1
+        assert next_token(logits, Sampling(temperature=1.0, top_p=0.01), None, noise()).item() == 1
+        assert next_token(logits, Sampling(temperature=1.0, top_k=2), None, noise()).item() in (1, 2)
     seen = torch.tensor([[False, True, False, False]])
     assert next_token(logits, Sampling(temperature=0, repetition_penalty=2.0), seen, None).item() == 2
+
+
+def test_sampling_draws_from_the_softmax() -> None:
+    """The exponential race (argmax of p / Exp(1)) samples each token with its softmax probability."""
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0, 0.5]).repeat(40_000, 1)
+    gen = torch.Generator().manual_seed(1)
+    for temperature in (1.0, 0.5):
+        toks = next_token(logits, Sampling(temperature=temperature), None, draw_noise(logits.shape, logits.device, gen))
+        freq = torch.bincount(toks, minlength=5).float() / len(toks)
+        p = (logits[0] / temperature).softmax(-1)
+        assert (freq - p).abs().max() < 4 * (p * (1 - p) / len(toks)).sqrt().max()  # within 4 standard errors
 
 
 def test_weight_tying_init_and_presets() -> None:

@@ -101,7 +101,7 @@ def test_quantized_runs_load_everywhere_and_report(run: Path, tmp_path: Path) ->
     proc = run_script("minigpt", "bench", "--run", q, "--device", "cpu", "--new-tokens", "4", "--prompt-tokens", "4")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and result["train"]["eager"] is None and "int8" in result["source"]
-    assert result["inference"]["fast"]["decode_batch1_tokens_per_s"] > 0
+    assert result["inference"]["cache"]["decode_batch1_tokens_per_s"] > 0
 
 
 def test_errors(run: Path, tmp_path: Path) -> None:
