@@ -4,7 +4,8 @@ Every figure is measured here, on random weights of a preset's shape or on a tra
 - training: ms/step, tokens/s, MFU, peak memory, for the eager model and (on CUDA) the compiled one;
 - inference: prefill tokens/s for a prompt; decode tokens/s and ms/token p50/p95 at batch 1 (streamed),
   and tokens/s at batch 1, 8 and 32, for each generation path in PATHS (the CUDA-graph ones on CUDA);
-- data: batches/s and tokens/s from the memmap shards, tokenizer encode MB/s.
+- data: batches/s and tokens/s from the memmap shards, tokenizer encode MB/s;
+- with --profile DIR: torch.profiler traces and top-operator tables of training steps and of decoding.
 MFU is against the device's bf16 dense peak from a table, or a measured matmul rate when unknown.
 """
 
@@ -83,10 +84,8 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-@torch.enable_grad()  # the CLI turns gradients off for inference
-def bench_train(
-    model: GPT, cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: bool, peak: float
-) -> dict[str, Any]:
+def train_step(model: GPT, cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: bool) -> Callable[[], None]:
+    """One optimizer step on a fixed random batch: forward and backward under autocast, clip, AdamW."""
     from .config import TrainConfig
 
     T = model.cfg.block_size
@@ -95,6 +94,7 @@ def bench_train(
     optimizer = make_optimizer(model, TrainConfig(lr=1e-4), device)
     x = torch.randint(0, model.cfg.vocab_size, (cfg.batch_size, T + 1), device=device)
 
+    @torch.enable_grad()  # the CLI turns gradients off for inference
     def step() -> None:
         torch.compiler.cudagraph_mark_step_begin()  # for --compile-mode reduce-overhead; a no-op otherwise
         with autocast(device, dtype):
@@ -104,6 +104,14 @@ def bench_train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def bench_train(
+    model: GPT, cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: bool, peak: float
+) -> dict[str, Any]:
+    T = model.cfg.block_size
+    step = train_step(model, cfg, device, dtype, compiled)
     reset_peak(device)
     t0 = time.perf_counter()
     for _ in range(3):  # warm-up (and compilation)
@@ -218,6 +226,51 @@ def decode_tokens_per_s(model: GPT, prompt: list[int], new: int, rows: int, devi
     return rows * (new - 1) / max(times[1] - times[0], 1e-9)
 
 
+def profile_steps(
+    model: GPT | None, inference_model: GPT, cfg: BenchConfig, device: torch.device, dtype: torch.dtype, folder: Path
+) -> dict[str, Any]:
+    """torch.profiler over three training steps (compiled on CUDA when --compile) and over one batch-1
+    generation on the default path: a Chrome/Perfetto trace and a top-operator table for each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    jobs: dict[str, Callable[[], Any]] = {}
+    if model is not None:
+        step = train_step(model, cfg, device, dtype, compiled=cfg.compile and cuda)
+        jobs["train"] = lambda: [step() for _ in range(3)]
+    T = inference_model.cfg.block_size
+    prompt_len = min(cfg.prompt_tokens, T // 2)
+    new = min(cfg.new_tokens, T - prompt_len)
+    inference_model.eval()
+    decoder = make_decoder(inference_model, 1, new, default_path(device))
+    x = torch.randint(0, inference_model.cfg.vocab_size, (1, prompt_len), device=device)
+    jobs["decode"] = lambda: decoder.run(x)
+    out: dict[str, Any] = {}
+    for name, job in jobs.items():
+        job()  # warm-up (and compilation) outside the trace
+        sync(device)
+        with profile(activities=activities) as prof:
+            job()
+            sync(device)
+        if model is not None:
+            model.eval()
+        trace = folder / f"{name}_trace.json"
+        tmp = trace.with_suffix(".tmp")
+        prof.export_chrome_trace(str(tmp))
+        tmp.replace(trace)
+        events = prof.key_averages()
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        table = events.table(sort_by=key, row_limit=15)
+        (folder / f"{name}_top.txt").write_text(table + "\n", encoding="utf-8")
+        console.print(f"[bold]profile: {name}[/] ({trace})")
+        console.print(table, markup=False, highlight=False, soft_wrap=True)
+        top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:10]
+        out[name] = {"trace": str(trace), "table": str(folder / f"{name}_top.txt"), "sorted_by": key,
+                     "top": [{"name": e.key, "self_ms": getattr(e, key) / 1000, "calls": e.count} for e in top]}
+    return out
+
+
 def bench_data(data: TokenData, block: int, batch: int) -> dict[str, Any]:
     sampler = BatchSampler(data.train, block, seed=0)
     n, t0 = 0, time.perf_counter()
@@ -245,6 +298,11 @@ def bench_data(data: TokenData, block: int, batch: int) -> dict[str, Any]:
 def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.profile:  # fail before the timings, not after
+        try:
+            Path(cfg.profile).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot use --profile {cfg.profile} as a folder ({e.strerror}); give another path.") from None
     torch.manual_seed(cfg.seed)
     data_path = cfg.data
     if cfg.run:
@@ -287,6 +345,11 @@ def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     with console.status("timing generation..."):
         paths = ["plain", "cache"] + (["graph"] + (["compiled"] if cfg.compile else []) if device.type == "cuda" else [])
         result["inference"] = {p: bench_inference(inference_model, cfg, device, p) if p in paths else None for p in PATHS}
+    result["profile"] = None
+    if cfg.profile:
+        with console.status("profiling..."):
+            result["profile"] = profile_steps(model if trainable else None, inference_model, cfg, device, dtype,
+                                              Path(cfg.profile))
     result["data"] = None
     if data_path:
         try:

@@ -254,6 +254,8 @@ class BenchConfig:
     prompt_tokens: int = opt(128, help="Prompt length for the prefill figure.")
     new_tokens: int = opt(64, help="Tokens decoded per generation figure.")
     json: str = opt("", help="Also write the JSON result to this file.")
+    profile: str = opt("", help="Folder for torch.profiler traces (Chrome/Perfetto JSON) and top-operator tables "
+                               "of training steps and of decoding (default: no profiling).")
     seed: int = opt(1337, help="Random seed.")
 
     def __post_init__(self) -> None:

@@ -4,7 +4,7 @@ int8: every Linear weight and the token embedding become int8 with one fp32 scal
 `w ~= q * scale`, |q| <= 127. The embedding's rows are the output head's rows when they are tied, so
 one int8 matrix serves both. Matmuls run one of two ways, and the run says which:
 - `dequant` (the reference, and the CUDA path): the int8 weight is widened to the activation dtype
-  and scaled inside the matmul, so the product runs on the tensor cores (fused under torch.compile);
+  for the matmul, so the product runs on the tensor cores, and the output is scaled per channel;
 - `cpu-dynamic` (CPU, when PyTorch still ships it): PyTorch's dynamic int8 linear (fbgemm), which
   also quantizes the activations per row batch; faster than fp32 on CPU at every batch size here.
 """
@@ -45,7 +45,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic is not None:
             return self.dynamic(x.float()).to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None])
+        # The scale is per output channel, so it applies to the product's N outputs rather than the N x K
+        # weights: one small multiply instead of a full scaled copy of the matrix (and the cast alone is
+        # what torch.compile can fold into the matmul's load).
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
 
 
 class Int8Embedding(nn.Module):

@@ -24,7 +24,8 @@ def test_bench_json_shape(tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
     proc = run_script("minigpt", "bench", "--device", "cpu", "--preset", "tiny", "--n-layer", "1", "--n-head", "2",
                       "--n-embd", "32", "--block-size", "32", "--vocab-size", "300", "--steps", "2", "--batch-size", "4",
-                      "--prompt-tokens", "8", "--new-tokens", "8", "--data", str(tokens), "--json", str(out_json))
+                      "--prompt-tokens", "8", "--new-tokens", "8", "--data", str(tokens), "--json", str(out_json),
+                      "--profile", str(tmp_path / "profile"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])  # the last line is the JSON
     assert json.loads(out_json.read_text()) == result
@@ -38,8 +39,16 @@ def test_bench_json_shape(tmp_path: Path) -> None:
         assert all(result["inference"][path][k] > 0 for k in INFERENCE_FIELDS), result["inference"][path]
     assert all(result["data"][k] > 0 for k in ("batches_per_s", "tokens_per_s", "encode_mb_per_s"))
     assert "minigpt bench" in proc.stdout and "decode tokens/s, batch 32" in proc.stdout
+    for job in ("train", "decode"):  # a trace Perfetto can open, and the top operators by self time
+        profile = result["profile"][job]
+        assert json.loads(Path(profile["trace"]).read_text())["traceEvents"]
+        assert profile["top"][0]["self_ms"] > 0 and any(op["name"] == "aten::mm" for op in profile["top"])
+        assert Path(profile["table"]).read_text().count("aten::") >= 5
 
 
 def test_bench_errors(tmp_path: Path) -> None:
     assert_user_error(run_script("minigpt", "bench", "--device", "cpu", "--preset", "huge"), "unknown preset")
     assert_user_error(run_script("minigpt", "bench", "--run", str(tmp_path / "none")), "does not exist")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_user_error(run_script("minigpt", "bench", "--device", "cpu", "--profile", str(afile)), "--profile")
