@@ -226,81 +226,98 @@ def evaluate(
 def train(cfg: TrainConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     d, device = init_distributed(cfg.device)
     try:
-        return _train(cfg, overrides, d, device)
+        return Trainer(cfg, overrides, d, device).run()
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.device) -> dict[str, Any]:
-    dtype = resolve_dtype(cfg.dtype, device)
-    data = TokenData(cfg.data)
-    name = cfg.name or f"{data.folder.parent.name}-{data.folder.name}-{cfg.preset}"
-    run_dir = Path(cfg.runs_dir) / name
-    tokenizer_json = data.folder / "tokenizer.json"
+class Trainer:
+    """One run: `__init__` builds or restores everything, `run` loops over `train_step`, `log_step`,
+    `validate` and `save` until the steps, the time or the patience run out, or Ctrl-C."""
 
-    # The model: from the checkpoint when resuming, else preset + overrides.
-    state: dict[str, Any] = {}
-    if cfg.resume:
-        folder = find_checkpoint(run_dir, "last")
-        state = read_trainer_state(folder)
-        model, saved = load_model(folder, "cpu")
-        if saved["data"]["tokenizer_sha256"] != data.meta["tokenizer_sha256"]:
-            raise UserError(f"run {run_dir} was trained on other token data; pass the same --data to resume.")
-        mcfg = model.cfg
-    else:
-        if (run_dir / "last").exists() and d.main:
-            console.print(f"[yellow]{run_dir} already holds a run; starting over (use --resume to continue it)[/]")
-        mcfg = model_config(cfg.preset, data.vocab_size, overrides)
-        torch.manual_seed(cfg.seed)
-        model = GPT(mcfg)
-    data.check_context(mcfg.block_size)
-    model.grad_checkpoint = cfg.grad_checkpoint
-    model.to(device)
-    raw_model = model  # saved and sampled from: never the compiled or DDP wrapper
-    optimizer = make_optimizer(raw_model, cfg, device)
-    if cfg.resume:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    def __init__(self, cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.device) -> None:
+        self.cfg, self.d, self.device = cfg, d, device
+        self.dtype = resolve_dtype(cfg.dtype, device)
+        self.data = data = TokenData(cfg.data)
+        self.name = cfg.name or f"{data.folder.parent.name}-{data.folder.name}-{cfg.preset}"
+        self.run_dir = Path(cfg.runs_dir) / self.name
+        self.tokenizer_json = data.folder / "tokenizer.json"
 
-    rows_per_step, accum = accumulation(cfg, mcfg.block_size, d.world)
-    tokens_per_step = rows_per_step * mcfg.block_size
-    sampler = BatchSampler(data.train, mcfg.block_size, cfg.seed)
-    windows = eval_windows(data.val, mcfg.block_size, cfg.eval_tokens)
-    if cfg.resume:
-        sampler.set_state(state["sampler"])
-        torch.set_rng_state(torch.tensor(state["torch_rng"][d.rank % len(state["torch_rng"])], dtype=torch.uint8))
-        if device.type == "cuda" and state.get("cuda_rng"):
-            cuda_rng = state["cuda_rng"][d.rank % len(state["cuda_rng"])]
-            torch.cuda.set_rng_state(torch.tensor(cuda_rng, dtype=torch.uint8), device)
-    else:
-        torch.manual_seed(cfg.seed + d.rank)  # dropout differs per process, weights do not
+        # The model: from the checkpoint when resuming, else preset + overrides.
+        state: dict[str, Any] = {}
+        if cfg.resume:
+            folder = find_checkpoint(self.run_dir, "last")
+            state = read_trainer_state(folder)
+            model, saved = load_model(folder, "cpu")
+            if saved["data"]["tokenizer_sha256"] != data.meta["tokenizer_sha256"]:
+                raise UserError(f"run {self.run_dir} was trained on other token data; pass the same --data to resume.")
+            mcfg = model.cfg
+        else:
+            if (self.run_dir / "last").exists() and d.main:
+                console.print(f"[yellow]{self.run_dir} already holds a run; starting over (use --resume to continue it)[/]")
+            mcfg = model_config(cfg.preset, data.vocab_size, overrides)
+            torch.manual_seed(cfg.seed)
+            model = GPT(mcfg)
+        self.mcfg = mcfg
+        data.check_context(mcfg.block_size)
+        model.grad_checkpoint = cfg.grad_checkpoint
+        model.to(device)
+        self.raw_model = model  # saved and sampled from: never the compiled or DDP wrapper
+        self.optimizer = make_optimizer(model, cfg, device)
+        if cfg.resume:
+            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
 
-    if cfg.compile and device.type == "cuda":
-        model = torch.compile(model, mode=cfg.compile_mode)
-    if d.world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    peak = peak_flops(device)
-    flops_per_step = raw_model.flops_per_token() * tokens_per_step
+        self.rows_per_step, accum = accumulation(cfg, mcfg.block_size, d.world)
+        self.tokens_per_step = self.rows_per_step * mcfg.block_size
+        self.sampler = BatchSampler(data.train, mcfg.block_size, cfg.seed)
+        self.windows = eval_windows(data.val, mcfg.block_size, cfg.eval_tokens)
+        if cfg.resume:
+            self.sampler.set_state(state["sampler"])
+            torch.set_rng_state(torch.tensor(state["torch_rng"][d.rank % len(state["torch_rng"])], dtype=torch.uint8))
+            if device.type == "cuda" and state.get("cuda_rng"):
+                cuda_rng = state["cuda_rng"][d.rank % len(state["cuda_rng"])]
+                torch.cuda.set_rng_state(torch.tensor(cuda_rng, dtype=torch.uint8), device)
+        else:
+            torch.manual_seed(cfg.seed + d.rank)  # dropout differs per process, weights do not
 
-    config_json = {
-        "model": dataclasses.asdict(mcfg),
-        "train": dataclasses.asdict(cfg),
-        "data": {k: data.meta[k] for k in ("kind", "vocab_size", "eot_id", "pad_id", "tokenizer_sha256", "dataset")}
-        | {"folder": str(data.folder), "bytes_per_token": data.bytes_per_token},
-    }
-    start_step = state.get("step", 0)
-    best = state.get("best_val_loss", float("inf"))
-    best_bpb = state.get("best_val_bpb", float("inf"))
-    bad_evals = state.get("bad_evals", 0)
-    elapsed_before = state.get("train_seconds", 0.0)
-    metrics_path = run_dir / "metrics.jsonl"
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _trim_metrics(metrics_path, start_step if cfg.resume else 0)
-        _print_header(cfg, mcfg, raw_model, data, device, dtype, d, rows_per_step, accum, run_dir, start_step)
+        self.model: torch.nn.Module = model
+        if cfg.compile and device.type == "cuda":
+            self.model = torch.compile(self.model, mode=cfg.compile_mode)
+        if d.world > 1:
+            self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.peak = peak_flops(device)
+        self.flops_per_step = model.flops_per_token() * self.tokens_per_step
+        self.config_json = {
+            "model": dataclasses.asdict(mcfg),
+            "train": dataclasses.asdict(cfg),
+            "data": {k: data.meta[k] for k in ("kind", "vocab_size", "eot_id", "pad_id", "tokenizer_sha256", "dataset")}
+            | {"folder": str(data.folder), "bytes_per_token": data.bytes_per_token},
+        }
 
-    def trainer_state(step: int, elapsed: float) -> dict[str, Any]:
+        # Where the run stands: restored when resuming.
+        self.step = self.start_step = state.get("step", 0)
+        self.best = state.get("best_val_loss", float("inf"))
+        self.best_bpb = state.get("best_val_bpb", float("inf"))
+        self.bad_evals = state.get("bad_evals", 0)
+        self.elapsed_before = state.get("train_seconds", 0.0)
+        self.micro_bs = cfg.batch_size
+        self.health = Health(device)
+        self.skipped_reported = 0
+        self.loss_sum = torch.zeros((), device=device)  # summed on the device, read at log steps
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.tok = load_tokenizer(self.tokenizer_json) if d.main else None
+        if d.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _trim_metrics(self.metrics_path, self.start_step if cfg.resume else 0)
+            _print_header(cfg, mcfg, model, data, device, self.dtype, d, self.rows_per_step, accum, self.run_dir,
+                          self.start_step)
+
+    # checkpoints and records
+
+    def trainer_state(self, elapsed: float) -> dict[str, Any]:
+        d, device = self.d, self.device
         rng = [torch.get_rng_state()]
         if d.world > 1:  # each process's dropout RNG, so every process resumes its own stream
             gathered: list[Any] = [None] * d.world
@@ -312,212 +329,247 @@ def _train(cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.d
             dist.all_gather_object(gathered_cuda, cuda_rng[0])
             cuda_rng = gathered_cuda
         return {
-            "step": step, "sampler": sampler.state(), "torch_rng": [r.tolist() for r in rng],
+            "step": self.step, "sampler": self.sampler.state(), "torch_rng": [r.tolist() for r in rng],
             "cuda_rng": [r.tolist() for r in cuda_rng],
-            "best_val_loss": best, "best_val_bpb": best_bpb, "bad_evals": bad_evals,
-            "train_seconds": elapsed, "tokens_seen": step * tokens_per_step,
+            "best_val_loss": self.best, "best_val_bpb": self.best_bpb, "bad_evals": self.bad_evals,
+            "train_seconds": elapsed, "tokens_seen": self.step * self.tokens_per_step,
         }
 
-    def save(tag: str, step: int, elapsed: float, extra: dict[str, Any] | None = None) -> bool:
+    def save(self, tag: str, elapsed: float, extra: dict[str, Any] | None = None) -> bool:
         """Write a checkpoint; a failed write (disk full...) is reported and leaves the previous one."""
-        st = trainer_state(step, elapsed)  # every process joins the gather
-        if not d.main:
+        st = self.trainer_state(elapsed)  # every process joins the gather
+        if not self.d.main:
             return True
-        cfg_out = config_json | {"step": step, **(extra or {})}
+        cfg_out = self.config_json | {"step": self.step, **(extra or {})}
         try:
             if tag == "last":
-                save_checkpoint(run_dir, "last", raw_model, cfg_out, tokenizer_json, optimizer, st)
+                save_checkpoint(self.run_dir, "last", self.raw_model, cfg_out, self.tokenizer_json, self.optimizer, st)
             else:
-                save_checkpoint(run_dir, tag, raw_model, cfg_out, tokenizer_json)
+                save_checkpoint(self.run_dir, tag, self.raw_model, cfg_out, self.tokenizer_json)
             return True
         except OSError as e:
-            console.print(f"[bold red]could not write checkpoint '{tag}' at step {step} ({e.strerror or e}); "
-                          f"the previous one in {run_dir / tag} is intact[/]")
+            console.print(f"[bold red]could not write checkpoint '{tag}' at step {self.step} ({e.strerror or e}); "
+                          f"the previous one in {self.run_dir / tag} is intact[/]")
             return False
 
-    def log(record: dict[str, Any]) -> None:
-        if d.main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
+    def log(self, record: dict[str, Any]) -> None:
+        if self.d.main:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-    tok = load_tokenizer(tokenizer_json) if d.main else None
-    sample_every = cfg.sample_every or cfg.eval_every
-    save_every = cfg.save_every or cfg.eval_every
-    model.train()
-    step = start_step
-    last_eval = None
-    t_start = time.perf_counter()
-    t_log, step_log = t_start, step
-    loss_sum = torch.zeros((), device=device)
-    stop_reason = "max steps"
-    failed = False
-    interrupted = False
-    micro_bs = cfg.batch_size
-    per_rank = rows_per_step // d.world
-    health = Health(device)
-    skipped_reported = 0
-    fused = bool(optimizer.defaults.get("fused"))
-    previous_handler = signal.getsignal(signal.SIGINT)
+    # one optimizer step
 
-    def on_sigint(signum: int, frame: Any) -> None:  # finish the step, then save and stop
-        nonlocal interrupted
-        interrupted = True
+    def batch(self) -> torch.Tensor:
+        """This process's rows of the next global batch, on the device."""
+        d, per_rank = self.d, self.rows_per_step // self.d.world
+        shard, offset = self.sampler.global_batch(self.rows_per_step)
+        mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
+        batch = self.sampler.read(shard[mine], offset[mine])
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
 
-    # Every process: a terminal's Ctrl-C reaches them all, and they agree to stop through all_reduce.
-    signal.signal(signal.SIGINT, on_sigint)
-    # A bar on a terminal; in a log file the dense lines say it all.
-    bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=console, transient=True, disable=not (d.main and console.is_terminal))
-    bar_task = bar.add_task("train", total=cfg.max_steps, completed=step)
-    bar.start()
-    try:
-        while step < cfg.max_steps:
-            time_used = (elapsed_before + time.perf_counter() - t_start) / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
-            if d.world > 1 and cfg.max_minutes:  # the same learning rate on every process
-                t = torch.tensor([time_used], device=device)
-                dist.broadcast(t, 0)
-                time_used = float(t)
-            lr = lr_at(step, cfg, time_used)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            shard, offset = sampler.global_batch(rows_per_step)
-            mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
-            batch = sampler.read(shard[mine], offset[mine])
-            if device.type == "cuda":
-                batch = batch.pin_memory()
-            batch = batch.to(device, non_blocking=True)
-            while True:  # a CUDA out-of-memory error halves the micro-batch and retries the same rows
-                try:
-                    step_loss = _forward_backward(model, batch, micro_bs, device, dtype, scaler, d.world)
-                    break
-                except torch.OutOfMemoryError:
-                    optimizer.zero_grad(set_to_none=True)
-                    if micro_bs == 1 or d.world > 1:
-                        raise UserError(
-                            "out of GPU memory" + (" with one sequence per micro-batch" if micro_bs == 1 else " under torchrun")
-                            + "; use a smaller --batch-size or model, --block-size, or --grad-checkpoint."
-                        ) from None
-                    micro_bs //= 2
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    if d.main:
-                        console.print(f"[yellow]out of memory at step {step + 1}: micro-batch {micro_bs * 2} -> {micro_bs}, "
-                                      f"accumulation {per_rank // (micro_bs * 2)} -> {per_rank // micro_bs} (same batch)[/]")
-            loss_sum += step_loss
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-            skip = health.check(norm)
-            if scaler.is_enabled():  # fp16: the scaler skips non-finite steps itself, and lowers its scale
-                scaler.step(optimizer)
-                scaler.update()
-            elif fused:
-                optimizer.found_inf = skip  # type: ignore[attr-defined]  # the kernel skips on the device
-                optimizer.step()
-            elif not skip.item():
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(bar_task, completed=step)
-
-            elapsed = elapsed_before + time.perf_counter() - t_start
-            out_of_time = cfg.max_minutes and elapsed >= cfg.max_minutes * 60
-            if d.world > 1:  # every process must agree to stop
-                flags = torch.tensor([float(interrupted), float(bool(out_of_time))], device=device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                interrupted, out_of_time = bool(flags[0]), bool(flags[1])
-
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                if d.world > 1:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-                now = time.perf_counter()
-                steps = step - step_log
-                loss_val = loss_sum.item() / steps
-                dt = (now - t_log) / steps
-                tok_s = tokens_per_step / dt
-                mfu = flops_per_step / dt / (peak * d.world) if peak else None
-                eta = (cfg.max_steps - step) * dt
+    def train_step(self, lr: float) -> torch.Tensor:
+        """Gradients of one batch, clipped, and the update (skipped when not finite); returns the norm."""
+        cfg, d, optimizer = self.cfg, self.d, self.optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.batch()
+        per_rank = self.rows_per_step // d.world
+        while True:  # a CUDA out-of-memory error halves the micro-batch and retries the same rows
+            try:
+                self.loss_sum += _forward_backward(self.model, batch, self.micro_bs, self.device, self.dtype,
+                                                   self.scaler, d.world)
+                break
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                if self.micro_bs == 1 or d.world > 1:
+                    raise UserError(
+                        "out of GPU memory" + (" with one sequence per micro-batch" if self.micro_bs == 1 else " under torchrun")
+                        + "; use a smaller --batch-size or model, --block-size, or --grad-checkpoint."
+                    ) from None
+                self.micro_bs //= 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 if d.main:
-                    console.print(
-                        f"step {step:>{len(str(cfg.max_steps))}}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | "
-                        f"norm {norm.item():.2f} | {dt * 1000:.0f}ms | {human_count(tok_s)} tok/s | "
-                        f"mfu {f'{mfu:.1%}' if mfu else '-'} | eta {human_time(eta)}"
-                    )
-                log({"step": step, "loss": round(loss_val, 6), "lr": lr, "grad_norm": round(norm.item(), 4),
-                     "ms": round(dt * 1000, 2), "tok_s": round(tok_s), "mfu": mfu})
-                loss_sum.zero_()
-                t_log, step_log = time.perf_counter(), step
-                skipped, streak, spikes, top = health.read()
-                if d.main and skipped > skipped_reported:
-                    console.print(f"[yellow]skipped {skipped - skipped_reported} update(s) with a non-finite loss or "
-                                  f"gradient ({skipped} in all)[/]")
-                if d.main and spikes:
-                    console.print(f"[yellow]gradient norm spike: {spikes} step(s) above {Health.SPIKE:g}x the running "
-                                  f"norm (largest {top:.3g})[/]")
-                skipped_reported = skipped
-                if streak >= cfg.max_bad_steps:
-                    stop_reason = f"{streak} updates in a row had a non-finite loss or gradient"
-                    failed = True
-                    break
+                    console.print(f"[yellow]out of memory at step {self.step + 1}: micro-batch {self.micro_bs * 2} -> "
+                                  f"{self.micro_bs}, accumulation {per_rank // (self.micro_bs * 2)} -> "
+                                  f"{per_rank // self.micro_bs} (same batch)[/]")
+        self.scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip or float("inf"))
+        skip = self.health.check(norm)
+        if self.scaler.is_enabled():  # fp16: the scaler skips non-finite steps itself, and lowers its scale
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        elif optimizer.defaults.get("fused"):
+            optimizer.found_inf = skip  # type: ignore[attr-defined]  # the kernel skips on the device
+            optimizer.step()
+        elif not skip.item():
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return norm
 
-            final = step == cfg.max_steps or interrupted or out_of_time
-            if step % cfg.eval_every == 0 or (final and not interrupted):
-                val_loss, val_bpb = evaluate(model, data, windows, mcfg.block_size, cfg.batch_size, device, dtype, d)
-                last_eval = (val_loss, val_bpb)
-                improved = val_loss < best
-                if improved:
-                    best, best_bpb, bad_evals = val_loss, val_bpb, 0
-                else:
-                    bad_evals += 1
-                if d.main:
-                    mark = " *" if improved else ""
-                    console.print(f"[bold]eval[/] step {step} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}{mark}")
-                log({"step": step, "val_loss": round(val_loss, 6), "val_bpb": round(val_bpb, 6)})
-                if improved:
-                    save("best", step, elapsed, {"val_loss": val_loss, "val_bpb": val_bpb})
-                if cfg.patience and bad_evals >= cfg.patience:
-                    stop_reason = f"no better val loss in {cfg.patience} evaluations"
-                    final = True
-            if d.main and tok is not None and (step % sample_every == 0 or (final and not interrupted)):
-                raw_model.eval()  # no dropout while sampling; eager decoding: 64 tokens do not pay for a graph
-                ids = generate(raw_model, [data.meta["eot_id"]], 64, Sampling(0.8, top_k=50), eot=data.meta["eot_id"],
-                               seed=step, graph=False)
-                raw_model.train()
-                console.print(f"[dim]sample:[/] {tok.decode(ids[0], skip_special_tokens=False)!r}")
-            if step % save_every == 0 or final:
-                saved = save("last", step, elapsed)
-                if final and not saved:
-                    failed = True
-                    stop_reason += " (the final checkpoint could not be written)"
+    # what happens between steps
+
+    def log_step(self, lr: float, norm: torch.Tensor, steps: int, seconds: float) -> str | None:
+        """The dense log line and metrics record for the last `steps` steps; a stop reason if unhealthy."""
+        cfg, d = self.cfg, self.d
+        if d.world > 1:
+            dist.all_reduce(self.loss_sum, op=dist.ReduceOp.AVG)
+        loss = self.loss_sum.item() / steps
+        self.loss_sum.zero_()
+        dt = seconds / steps
+        tok_s = self.tokens_per_step / dt
+        mfu = self.flops_per_step / dt / (self.peak * d.world) if self.peak else None
+        if d.main:
+            console.print(
+                f"step {self.step:>{len(str(cfg.max_steps))}}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"norm {norm.item():.2f} | {dt * 1000:.0f}ms | {human_count(tok_s)} tok/s | "
+                f"mfu {f'{mfu:.1%}' if mfu else '-'} | eta {human_time((cfg.max_steps - self.step) * dt)}"
+            )
+        self.log({"step": self.step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm.item(), 4),
+                  "ms": round(dt * 1000, 2), "tok_s": round(tok_s), "mfu": mfu})
+        skipped, streak, spikes, top = self.health.read()
+        if d.main and skipped > self.skipped_reported:
+            console.print(f"[yellow]skipped {skipped - self.skipped_reported} update(s) with a non-finite loss or "
+                          f"gradient ({skipped} in all)[/]")
+        if d.main and spikes:
+            console.print(f"[yellow]gradient norm spike: {spikes} step(s) above {Health.SPIKE:g}x the running "
+                          f"norm (largest {top:.3g})[/]")
+        self.skipped_reported = skipped
+        if streak >= cfg.max_bad_steps:
+            return f"{streak} updates in a row had a non-finite loss or gradient"
+        return None
+
+    def validate(self, elapsed: float) -> tuple[float, float, bool]:
+        """Val loss and bits per byte; saves `best` when better. Returns (loss, bpb, out of patience)."""
+        cfg = self.cfg
+        val_loss, val_bpb = evaluate(self.model, self.data, self.windows, self.mcfg.block_size, cfg.batch_size,
+                                     self.device, self.dtype, self.d)
+        improved = val_loss < self.best
+        if improved:
+            self.best, self.best_bpb, self.bad_evals = val_loss, val_bpb, 0
+        else:
+            self.bad_evals += 1
+        if self.d.main:
+            console.print(f"[bold]eval[/] step {self.step} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}"
+                          + (" *" if improved else ""))
+        self.log({"step": self.step, "val_loss": round(val_loss, 6), "val_bpb": round(val_bpb, 6)})
+        if improved:
+            self.save("best", elapsed, {"val_loss": val_loss, "val_bpb": val_bpb})
+        return val_loss, val_bpb, bool(cfg.patience and self.bad_evals >= cfg.patience)
+
+    def sample(self) -> None:
+        eot = self.data.meta["eot_id"]
+        self.raw_model.eval()  # no dropout while sampling; eager decoding: 64 tokens do not pay for a graph
+        ids = generate(self.raw_model, [eot], 64, Sampling(0.8, top_k=50), eot=eot, seed=self.step, graph=False)
+        self.raw_model.train()
+        assert self.tok is not None
+        console.print(f"[dim]sample:[/] {self.tok.decode(ids[0], skip_special_tokens=False)!r}")
+
+    # the loop
+
+    def run(self) -> dict[str, Any]:
+        cfg, d, device = self.cfg, self.d, self.device
+        sample_every = cfg.sample_every or cfg.eval_every
+        save_every = cfg.save_every or cfg.eval_every
+        self.model.train()
+        last_eval = None
+        t_start = time.perf_counter()
+        t_log, step_log = t_start, self.step
+        stop_reason = "max steps"
+        failed = interrupted = False
+        previous_handler = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum: int, frame: Any) -> None:  # finish the step, then save and stop
+            nonlocal interrupted
+            interrupted = True
+
+        # Every process: a terminal's Ctrl-C reaches them all, and they agree to stop through all_reduce.
+        signal.signal(signal.SIGINT, on_sigint)
+        # A bar on a terminal; in a log file the dense lines say it all.
+        bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       console=console, transient=True, disable=not (d.main and console.is_terminal))
+        bar_task = bar.add_task("train", total=cfg.max_steps, completed=self.step)
+        bar.start()
+        try:
+            while self.step < cfg.max_steps:
+                time_used = 0.0
+                if cfg.max_minutes:
+                    time_used = (self.elapsed_before + time.perf_counter() - t_start) / (cfg.max_minutes * 60)
+                    if d.world > 1:  # the same learning rate on every process
+                        t = torch.tensor([time_used], device=device)
+                        dist.broadcast(t, 0)
+                        time_used = float(t)
+                lr = lr_at(self.step, cfg, time_used)
+                norm = self.train_step(lr)
+                step = self.step
+                bar.update(bar_task, completed=step)
+
+                elapsed = self.elapsed_before + time.perf_counter() - t_start
+                out_of_time = bool(cfg.max_minutes and elapsed >= cfg.max_minutes * 60)
+                if d.world > 1:  # every process must agree to stop
+                    flags = torch.tensor([float(interrupted), float(out_of_time)], device=device)
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    interrupted, out_of_time = bool(flags[0]), bool(flags[1])
+
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    now = time.perf_counter()
+                    unhealthy = self.log_step(lr, norm, step - step_log, now - t_log)
+                    t_log, step_log = time.perf_counter(), step
+                    if unhealthy:
+                        stop_reason, failed = unhealthy, True
+                        break
+
+                final = step == cfg.max_steps or interrupted or out_of_time
+                if step % cfg.eval_every == 0 or (final and not interrupted):
+                    *last_eval, patience_out = self.validate(elapsed)
+                    if patience_out:
+                        stop_reason = f"no better val loss in {cfg.patience} evaluations"
+                        final = True
+                if d.main and self.tok is not None and (step % sample_every == 0 or (final and not interrupted)):
+                    self.sample()
+                if step % save_every == 0 or final:
+                    saved = self.save("last", elapsed)
+                    if final and not saved:
+                        failed = True
+                        stop_reason += " (the final checkpoint could not be written)"
+                if interrupted:
+                    stop_reason = "interrupted"
+                    break
+                if out_of_time:
+                    stop_reason = f"time limit of {cfg.max_minutes:g} minutes"
+                    break
+                if final:
+                    break
+        finally:
+            bar.stop()
+            signal.signal(signal.SIGINT, previous_handler)
+        return self.finish(self.elapsed_before + time.perf_counter() - t_start, stop_reason, failed, interrupted,
+                           last_eval)
+
+    def finish(self, elapsed: float, stop_reason: str, failed: bool, interrupted: bool,
+               last_eval: list[float] | None) -> dict[str, Any]:
+        """The summary (and, on the main process, the loss plot and what to do next)."""
+        cfg, step = self.cfg, self.step
+        summary = {
+            "run": str(self.run_dir), "steps": step, "stop_reason": stop_reason,
+            "best_val_loss": self.best, "best_val_bpb": self.best_bpb,
+            "last_val_loss": last_eval[0] if last_eval else None,
+            "tokens_seen": step * self.tokens_per_step, "train_seconds": elapsed,
+            "params": self.raw_model.num_params(), "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."), "failed": failed, "main": self.d.main,
+        }
+        if self.d.main:
+            _plot(self.metrics_path, self.run_dir / "loss.png")
+            resume = f"python 03_train.py --data {cfg.data} --runs-dir {cfg.runs_dir} --name {self.name} --resume"
             if interrupted:
-                stop_reason = "interrupted"
-                break
-            if out_of_time:
-                stop_reason = f"time limit of {cfg.max_minutes:g} minutes"
-                break
-            if final:
-                break
-    finally:
-        bar.stop()
-        signal.signal(signal.SIGINT, previous_handler)
-
-    elapsed = elapsed_before + time.perf_counter() - t_start
-    summary = {
-        "run": str(run_dir), "steps": step, "stop_reason": stop_reason,
-        "best_val_loss": best, "best_val_bpb": best_bpb,
-        "last_val_loss": last_eval[0] if last_eval else None,
-        "tokens_seen": step * tokens_per_step, "train_seconds": elapsed,
-        "params": raw_model.num_params(), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "failed": failed, "main": d.main,
-    }
-    if d.main:
-        _plot(metrics_path, run_dir / "loss.png")
-        resume = f"python 03_train.py --data {cfg.data} --runs-dir {cfg.runs_dir} --name {name} --resume"
-        if interrupted:
-            console.print(f"[yellow]interrupted at step {step}; saved {run_dir}/last. Resume with: {resume}[/]")
-        if failed:
-            console.print(f"[bold red]stopped: {stop_reason}. The last good checkpoint is in {run_dir}/last; "
-                          f"lower --lr or try --dtype fp32, then: {resume}[/]")
-    return summary
+                console.print(f"[yellow]interrupted at step {step}; saved {self.run_dir}/last. Resume with: {resume}[/]")
+            if failed:
+                console.print(f"[bold red]stopped: {stop_reason}. The last good checkpoint is in {self.run_dir}/last; "
+                              f"lower --lr or try --dtype fp32, then: {resume}[/]")
+        return summary
 
 
 def _forward_backward(
