@@ -523,6 +523,7 @@ class Trainer:
                         break
 
                 final = step == cfg.max_steps or interrupted or out_of_time
+                t_between = time.perf_counter()  # evaluation, samples and saves stay out of ms/step
                 if step % cfg.eval_every == 0 or (final and not interrupted):
                     *last_eval, patience_out = self.validate(elapsed)
                     if patience_out:
@@ -535,6 +536,7 @@ class Trainer:
                     if final and not saved:
                         failed = True
                         stop_reason += " (the final checkpoint could not be written)"
+                t_log += time.perf_counter() - t_between
                 if interrupted:
                     stop_reason = "interrupted"
                     break
