@@ -479,14 +479,16 @@ class Trainer:
         t_start = time.perf_counter()
         t_log, step_log = t_start, self.step
         stop_reason = "max steps"
-        failed = interrupted = False
+        failed = interrupted = out_of_time = sigint = False
+        time_used = 0.0
         previous_handler = signal.getsignal(signal.SIGINT)
 
         def on_sigint(signum: int, frame: Any) -> None:  # finish the step, then save and stop
-            nonlocal interrupted
-            interrupted = True
+            nonlocal sigint
+            sigint = True
 
         # Every process: a terminal's Ctrl-C reaches them all, and they agree to stop through all_reduce.
+        # Under torchrun they agree on the clock and on stopping at log steps only: no sync in every step.
         signal.signal(signal.SIGINT, on_sigint)
         # A bar on a terminal; in a log file the dense lines say it all.
         bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -495,8 +497,7 @@ class Trainer:
         bar.start()
         try:
             while self.step < cfg.max_steps:
-                time_used = 0.0
-                if cfg.max_minutes:
+                if cfg.max_minutes and (d.world == 1 or self.step % cfg.log_every == 0 or self.step == step_log):
                     time_used = (self.elapsed_before + time.perf_counter() - t_start) / (cfg.max_minutes * 60)
                     if d.world > 1:  # the same learning rate on every process
                         t = torch.tensor([time_used], device=device)
@@ -508,11 +509,12 @@ class Trainer:
                 bar.update(bar_task, completed=step)
 
                 elapsed = self.elapsed_before + time.perf_counter() - t_start
-                out_of_time = bool(cfg.max_minutes and elapsed >= cfg.max_minutes * 60)
-                if d.world > 1:  # every process must agree to stop
-                    flags = torch.tensor([float(interrupted), float(out_of_time)], device=device)
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                    interrupted, out_of_time = bool(flags[0]), bool(flags[1])
+                if d.world == 1 or step % cfg.log_every == 0 or step == cfg.max_steps:
+                    interrupted, out_of_time = sigint, bool(cfg.max_minutes and elapsed >= cfg.max_minutes * 60)
+                    if d.world > 1:  # every process must agree to stop
+                        flags = torch.tensor([float(interrupted), float(out_of_time)], device=device)
+                        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                        interrupted, out_of_time = bool(flags[0]), bool(flags[1])
 
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     now = time.perf_counter()
