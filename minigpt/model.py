@@ -67,8 +67,11 @@ class Attention(nn.Module):
         at: torch.Tensor | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).transpose(1, 3).unbind(dim=2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, T, D)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
+        # queries and keys rotated in one pass (half the kernels of rotating each); cos/sin: (T, 1, 1, D/2)
+        qk = apply_rotary(qkv[:, :, :2], cos[:, None, None], sin[:, None, None])
+        q, k = qk.transpose(1, 3).unbind(dim=2)  # (B, H, T, D) each
+        v = qkv[:, :, 2].transpose(1, 2)
         if at is not None and cache is not None:  # GPT.decode: one token at position `at`, fixed shapes
             cache.k[layer].index_copy_(2, at, k)
             cache.v[layer].index_copy_(2, at, v)
@@ -188,8 +191,9 @@ class GPT(nn.Module):
         exactly the rows of `tok`, and `pos` must be below `cache.max_len`.
         """
         at = pos.view(1)
-        cos, sin = self.cos.index_select(0, at), self.sin.index_select(0, at)
         x = self.wte(tok[:, None])
+        # cast once here rather than in every layer: the step's kernel count is its cost
+        cos, sin = self.cos.index_select(0, at).to(x.dtype), self.sin.index_select(0, at).to(x.dtype)
         # additive mask, built once for all layers: 0 where visible, -inf after `pos`
         mask = torch.zeros(cache.max_len, dtype=x.dtype, device=x.device)
         mask = mask.masked_fill(cache.positions > pos, float("-inf")).view(1, 1, 1, -1)
