@@ -119,6 +119,20 @@ def test_two_process_torchrun_matches_one_process(tokens: Path, tmp_path: Path) 
                 assert ra[key] == pytest.approx(rb[key], abs=1e-4), (ra, rb)
 
 
+def test_two_processes_agree_to_stop_on_the_time_limit(tokens: Path, tmp_path: Path) -> None:
+    """Under torchrun the clock is checked at log steps only; both processes stop there together."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29518", str(ROOT / "03_train.py"), "--runs-dir", str(tmp_path), "--data", str(tokens),
+                           "--name", "run", "--device", "cpu", "--batch-size", "4", "--max-steps", "100000",
+                           "--max-minutes", "0.1", "--log-every", "5", "--eval-every", "100000", "--eval-tokens", "2048",
+                           *MODEL_ARGS], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "time limit of 0.1 minutes" in proc.stdout
+    step = json.loads((find_checkpoint(tmp_path / "run", "last") / "config.json").read_text())["step"]
+    assert step > 0 and step % 5 == 0  # a log step: where the processes agree
+
+
 def test_batch_and_context_errors(tokens: Path, tmp_path: Path) -> None:
     """Train-specific mistakes; the table of every bad input is in test_errors.py."""
     base = ["--data", str(tokens), "--runs-dir", str(tmp_path), "--max-steps", "2"]
