@@ -51,7 +51,12 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ud800-\udfff]")
 _ASCII_CONTROL = bytes([*range(0, 9), *range(11, 32), 127])
 _SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _NEWLINES = re.compile("\r\n?|[\u2028\u2029]")
-_LINE_BLANKS = re.compile(r"[^\S\n]{2,}|[^\S\n ]")
+# Every blank but the newline, spelled out: the same set as [^\S\n], but a plain range class is ~7x faster
+# to scan than Unicode's whitespace test on non-ASCII text.
+_NOT_SPACE_BLANK = "\t\x0b\x0c\r\x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_LINE_BLANKS = re.compile(f"[ {_NOT_SPACE_BLANK}]{{2,}}|[{_NOT_SPACE_BLANK}]")
+_ODD_BLANK = re.compile(f"[{_NOT_SPACE_BLANK}]")
+_SPACE_RUNS = re.compile(" {2,}")
 _LEIPZIG_ID = re.compile(r"^[^\t\n]*\t", re.M)
 _TRAILING = re.compile(r"[ \t]+$", re.M)
 _BLANKS = re.compile(r"\n{4,}")  # at most two blank lines in a row (PEP 8 keeps two)
@@ -80,7 +85,9 @@ def normalize_chars(text: str, lines: bool = False) -> str:
         if not lines:
             text = _SPACES.sub(" ", text)
     if lines:  # one line is one document of prose: every run of blanks becomes one space
-        return _LINE_BLANKS.sub(" ", text)
+        if _ODD_BLANK.search(text):
+            return _LINE_BLANKS.sub(" ", text)
+        return _SPACE_RUNS.sub(" ", text) if "  " in text else text  # the common case, scanned fast
     if " \n" in text or "\t\n" in text:
         text = _TRAILING.sub("", text)
     return text
@@ -396,11 +403,10 @@ def _process_batch(
     """Filters, de-dup and split for one batch of normalised texts: the hot loop, kept flat."""
     val_cut = cfg.val_fraction * 2**64
     lo, hi, max_bad = cfg.min_chars, cfg.max_chars, cfg.max_bad_fraction
-    dedup = cfg.dedup
-    out: dict[str, list[str]] = {"train": [], "val": []}
+    dedup, jsonl = cfg.dedup, fmt == "jsonl"
+    out: dict[bool, list[str]] = {False: [], True: []}  # is val -> documents (local lists: the loop is hot)
+    nbytes, nchars = [0, 0], [0, 0]
     docs_in = dups = bad_total = 0
-    nbytes = {"train": 0, "val": 0}
-    nchars = {"train": 0, "val": 0}
     maybe_bad = any("\ufffd" in t for t in texts) if len(texts) < 64 else "\ufffd" in "".join(texts)
     for i, text in enumerate(texts):
         if single:
@@ -433,31 +439,34 @@ def _process_batch(
         raw = text.encode("utf-8")
         h = doc_hash(raw)
         if dedup:
-            if h in seen:
+            size = len(seen)
+            seen.add(h)
+            if len(seen) == size:  # one set operation instead of a lookup and an insert
                 dups += 1
                 continue
-            seen.add(h)
-        split = "val" if h < val_cut else "train"
-        if fmt == "jsonl":
+        is_val = h < val_cut
+        if jsonl:
             record = {"text": text, **tags[i]} if tags else {"text": text}
-            out[split].append(json.dumps(record, ensure_ascii=False) + "\n")
+            out[is_val].append(json.dumps(record, ensure_ascii=False) + "\n")
             for k, v in record.items():
                 if k != "text":
                     stats.tags[k][v] += 1
         else:
-            out[split].append(text + "\n" + DOC_SEP + "\n")
-        nbytes[split] += len(raw)
-        nchars[split] += n
-    for split, lines in out.items():
-        if lines:
-            sinks[split].write("".join(lines))
-        stats.docs[split] += len(lines)
-        stats.bytes[split] += nbytes[split]
-        stats.chars[split] += nchars[split]
+            out[is_val].append(text)
+        nbytes[is_val] += len(raw)
+        nchars[is_val] += n
+    end = "" if jsonl else "\n" + DOC_SEP + "\n"  # text: each document ends with a separator line
+    for is_val, docs in out.items():
+        split = "val" if is_val else "train"
+        if docs:
+            sinks[split].write(end.join(docs) + end)
+        stats.docs[split] += len(docs)
+        stats.bytes[split] += nbytes[is_val]
+        stats.chars[split] += nchars[is_val]
     stats.duplicates += dups
     stats.undecodable_bytes += bad_total
     per_src["documents_in"] += docs_in
-    per_src["documents_kept"] += len(out["train"]) + len(out["val"])
+    per_src["documents_kept"] += len(out[False]) + len(out[True])
     per_src["duplicates"] += dups
 
 

@@ -6,6 +6,8 @@ import gzip
 import http.server
 import io
 import json
+import random
+import re
 import tarfile
 import threading
 from pathlib import Path
@@ -15,7 +17,15 @@ from conftest import CODE, assert_user_error, run_script, toy_documents
 
 from minigpt.common import UserError
 from minigpt.config import PrepareConfig
-from minigpt.corpus import DOC_SEP, clean_text, download, iter_documents, prepare, stdlib_files
+from minigpt.corpus import (
+    DOC_SEP,
+    clean_text,
+    download,
+    iter_documents,
+    normalize_chars,
+    prepare,
+    stdlib_files,
+)
 
 
 def docs(out: Path, split: str) -> list[str]:
@@ -238,3 +248,16 @@ def test_failed_run_keeps_previous_output(tmp_path: Path, toy_txt: Path) -> None
         run_prepare(tmp_path, str(tmp_path / "junk.txt"), name="keep")
     assert (out / "train.txt").read_bytes() == before
     assert not list(out.glob(".*.tmp"))
+
+
+def test_line_documents_turn_every_run_of_unicode_blanks_into_one_space() -> None:
+    """The blank set is spelled out for speed; it must stay Unicode's whitespace minus the newline."""
+    blanks = [chr(i) for i in range(0x110000) if chr(i).isspace() and chr(i) != "\n"]
+    rng = random.Random(0)
+    for alphabet in (blanks + ["a", "\u04d9", "\n"], [" ", "a", "\u0430", "\n"]):
+        for _ in range(3000):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25)))
+            # what normalize_chars removes or rewrites first (controls, CR/LS/PS) is out of this comparison
+            text = re.sub("[\x0b\x0c\x1c-\x1f\x85\r\u2028\u2029]", "", text)
+            assert normalize_chars(text, lines=True) == re.sub(r"[^\S\n]+", " ", text), repr(text)
+
