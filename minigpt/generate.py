@@ -216,7 +216,7 @@ class Decoder:
     def _prefill(self, idx: torch.Tensor) -> None:
         """Encode `idx` into an empty cache and sample the token after it."""
         self.cache.pos = 0
-        logits = self.model(idx, cache=self.cache).logits[:, -1]
+        logits = self.model(idx, cache=self.cache, last_only=True).logits[:, -1]
         self.pos.fill_(idx.size(1))
         self._draw()
         self._sample(logits)

@@ -161,7 +161,11 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None) -> Output:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None, last_only: bool = False
+    ) -> Output:
+        """Logits for every position (and the loss against `targets`); `last_only` keeps the last position
+        alone, which is all a prompt needs and spares the output head most of its work."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -175,6 +179,8 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.pos += T
+        if last_only:
+            x = x[:, -1:]
         x = self.norm_f(x)
         if targets is None:
             return Output(self.lm_head(x), None)

@@ -61,9 +61,11 @@ def test_decode_step_matches_the_full_forward() -> None:
     cache = KVCache(model.cfg, 3, 48, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         full = model(x).logits
-        model(x[:, :5], cache=cache)  # a prompt, then single tokens
+        last = model(x[:, :5], cache=cache, last_only=True).logits  # a prompt, then single tokens
         steps = [model.decode(x[:, t], torch.tensor(t), cache) for t in range(5, 48)]
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 5:], rtol=1e-4, atol=1e-5)
+    assert last.shape == (3, 1, 97)
+    torch.testing.assert_close(last[:, 0], full[:, 4], rtol=1e-4, atol=1e-5)
 
 
 def test_decode_step_traces_whole_with_no_host_sync() -> None:

@@ -26,8 +26,8 @@ def poison(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int], factor: float =
     """Multiply the training loss of the given forward calls (counted from 0) by `factor`."""
     forward, calls = GPT.forward, [0]
 
-    def patched(self, idx, targets=None, cache=None):
-        out = forward(self, idx, targets, cache)
+    def patched(self, idx, targets=None, cache=None, last_only=False):
+        out = forward(self, idx, targets, cache, last_only)
         if self.training and targets is not None:
             if calls[0] in bad_calls:
                 out.loss = out.loss * factor
@@ -72,10 +72,10 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_batch(tokens: Path, 
     train(train_cfg(tokens, tmp_path / "ref", log_every=5, batch_size=4, total_batch_tokens=8 * 32, max_steps=10), MODEL)
     forward = GPT.forward
 
-    def patched(self, idx, targets=None, cache=None):
+    def patched(self, idx, targets=None, cache=None, last_only=False):
         if self.training and idx.size(0) > 4:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return forward(self, idx, targets, cache)
+        return forward(self, idx, targets, cache, last_only)
 
     monkeypatch.setattr(GPT, "forward", patched)
     train(train_cfg(tokens, tmp_path / "oom", log_every=5, batch_size=8, max_steps=10), MODEL)
