@@ -135,6 +135,8 @@ def generate(
     row 0's new token after each step (for streaming; it costs one host sync a token).
     """
     idx, gen = _setup(model, prompt, rows, seed)
+    if max_new < 1:
+        return [[] for _ in range(rows)]
     decoder = Decoder(model, rows, max_new, s, eot, gen, graph=graph, compile=compile)
     return _finish(decoder.run(idx, on_token), eot, rows)
 

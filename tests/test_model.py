@@ -110,6 +110,8 @@ def test_generation_past_the_context_and_stop_at_eot() -> None:
     stop = first[3]
     cut = generate(model, [1, 2], 10, Sampling(temperature=0), eot=stop)[0]
     assert cut == first[: first.index(stop)]
+    assert generate(model, [1, 2], 0, Sampling(temperature=0), rows=2) == [[], []] == generate_reference(
+        model, [1, 2], 0, Sampling(temperature=0), rows=2)
 
 
 def test_sampling_rules() -> None:
