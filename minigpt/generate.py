@@ -193,6 +193,8 @@ class Decoder:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(3):  # also compiles, when compiling
+                    self.pos.zero_()  # every warm-up step writes slot 0 of the cache and of `out`: in bounds
+                    self.n.zero_()  # whatever the context and max_new (`start` resets them all later)
                     self.step_fn()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
