@@ -330,11 +330,14 @@ def _load(folder: Path, device: torch.device | str) -> Loaded:
 def inference_dtype(model: GPT, dtype: torch.dtype | None) -> str:
     """Run inference in `dtype` (bf16 on GPUs that have it): float weights cast, int8 weights kept,
     and the activations (hence the KV cache) in that dtype. Returns the dtype's name."""
-    from .quantize import Int8Embedding
+    from .quantize import Int8Embedding, Int8Linear
 
     if dtype is not None:
         for p in model.parameters():
             p.data = p.data.to(dtype)
         if isinstance(model.wte, Int8Embedding):
             model.wte.out_dtype = dtype
+        for m in model.modules():
+            if isinstance(m, Int8Linear):  # scales in the activation dtype: no cast per matmul per token
+                m.scale = m.scale.to(dtype)
     return str(next(model.parameters()).dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
