@@ -38,21 +38,32 @@ def prompt_ids(loaded: Loaded, text: str) -> list[int]:
 
 
 class Streamer:
-    """Prints row 0's text as tokens arrive, holding back a character cut in the middle of its bytes."""
+    """Prints row 0's text as tokens arrive, holding back a character cut in the middle of its bytes.
+
+    Only the tokens not yet printed are decoded (both tokenizers decode token by token into bytes, so
+    a suffix that starts on a whole character decodes on its own): linear in the sample's length.
+    """
 
     def __init__(self, loaded: Loaded) -> None:
-        self.loaded, self.shown, self.ids = loaded, 0, []
+        self.loaded, self.pending = loaded, []
 
     def __call__(self, token: int) -> None:
         if token == self.loaded.eot:
             return
-        self.ids.append(token)
-        text = self.loaded.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
-        sys.stdout.write(text[self.shown :])
+        self.pending.append(token)
+        text = self.loaded.decode(self.pending)
+        if not text.endswith("\ufffd"):
+            self.write(text)
+
+    def write(self, text: str) -> None:
+        sys.stdout.write(text)
         sys.stdout.flush()
-        self.shown = len(text)
+        self.pending = []
+
+    def flush(self) -> None:
+        """Whatever is still held back (bytes that never became a character) at the end."""
+        if self.pending:
+            self.write(self.loaded.decode(self.pending))
 
 
 @app.command("generate")
@@ -74,8 +85,10 @@ def generate_cmd(cfg: GenerateConfig) -> None:
         ids = prompt_ids(loaded, text)
         if stream:
             sys.stdout.write(text)
-            generate(loaded.model, ids, cfg.max_new_tokens, sampling, 1, loaded.eot, cfg.seed, Streamer(loaded),
+            streamer = Streamer(loaded)
+            generate(loaded.model, ids, cfg.max_new_tokens, sampling, 1, loaded.eot, cfg.seed, streamer,
                      graph=graph, compile=cfg.compile)
+            streamer.flush()
             sys.stdout.write("\n")
             continue
         rows = generate(loaded.model, ids, cfg.max_new_tokens, sampling, cfg.num_samples, loaded.eot, cfg.seed + i,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import ENGLISH, RUSSIAN, TATAR, assert_user_error, run_script, shared_corpus
 
+from minigpt.cli import Streamer
 from minigpt.common import UserError
 from minigpt.config import PrepareConfig, TokenizerConfig
 from minigpt.corpus import iter_documents, prepare
@@ -34,14 +36,21 @@ def bpe(dataset: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["bpe", "char"])
-def test_roundtrip_any_text(dataset: Path, bpe: Path, kind: str) -> None:
+def test_roundtrip_any_text(dataset: Path, bpe: Path, kind: str, capsys: pytest.CaptureFixture) -> None:
     out = bpe if kind == "bpe" else build(TokenizerConfig(data=str(dataset), char=True)).out
     tok = load_tokenizer(out / "tokenizer.json")
     tok.encode_special_tokens = True
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
     for text in HARD:
         ids = tok.encode(text, add_special_tokens=False).ids
-        assert tok.decode(ids, skip_special_tokens=False) == text
+        assert decode(ids) == text
         assert tok.token_to_id(EOT) not in ids  # typed special tokens are text, not separators
+        streamer = Streamer(SimpleNamespace(eot=-1, decode=decode))  # `minigpt generate`, token by token
+        capsys.readouterr()
+        for i in ids:
+            streamer(i)
+        streamer.flush()
+        assert capsys.readouterr().out == text
     assert tok.get_vocab_size() < 65536
 
 
