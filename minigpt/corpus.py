@@ -28,6 +28,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -107,9 +108,37 @@ def clean_text(text: str, single_line: bool = False) -> str:
     return tidy(normalize_chars(text).replace("\ufffd", ""), single_line)
 
 
-def doc_hash(raw: bytes) -> int:
-    """64-bit hash of a cleaned document's UTF-8 bytes: the key for de-duplication and the train/val split."""
-    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+def doc_digest(raw: bytes) -> bytes:
+    """The 64-bit hash of a cleaned document's UTF-8 bytes, as 8 bytes to read as a little-endian uint64:
+    the key for de-duplication and for the train/val split (val when below val_fraction * 2**64)."""
+    return hashlib.blake2b(raw, digest_size=8).digest()
+
+
+class SeenHashes:
+    """Hashes of the documents kept so far, as sorted numpy runs: 8 bytes a document (a Python set of
+    ints takes ~70, which is gigabytes for a corpus of 100M sentences), tested a batch at a time."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []  # sorted, disjoint, each more than half the size of the one before
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.runs)
+
+    def add(self, hashes: np.ndarray) -> np.ndarray:
+        """True where a hash is new: not seen in earlier batches, and its first occurrence in this one."""
+        uniq, first = np.unique(hashes, return_index=True)  # sorted, with the index of each first occurrence
+        fresh = np.ones(len(uniq), dtype=bool)
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, uniq), len(run) - 1)
+            fresh &= run[at] != uniq
+        new = np.zeros(len(hashes), dtype=bool)
+        new[first[fresh]] = True
+        if fresh.any():
+            self.runs.append(uniq[fresh])
+        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):  # O(log n) runs
+            last = self.runs.pop()
+            self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]), kind="stable")  # timsort: a merge
+        return new
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,19 +423,20 @@ def _process_batch(
     texts: list[str],
     tags: list[dict[str, str]] | None,
     single: bool,
-    seen: set[int],
+    seen: SeenHashes,
     sinks: dict[str, IO[str]],
     fmt: str,
     stats: Stats,
     per_src: Counter,
 ) -> None:
-    """Filters, de-dup and split for one batch of normalised texts: the hot loop, kept flat."""
-    val_cut = cfg.val_fraction * 2**64
+    """Filters, de-dup and split for one batch of normalised texts: a lean loop per document (tidy,
+    filter, hash), then de-dup and split over the whole batch's hashes at once."""
     lo, hi, max_bad = cfg.min_chars, cfg.max_chars, cfg.max_bad_fraction
-    dedup, jsonl = cfg.dedup, fmt == "jsonl"
-    out: dict[bool, list[str]] = {False: [], True: []}  # is val -> documents (local lists: the loop is hot)
-    nbytes, nchars = [0, 0], [0, 0]
-    docs_in = dups = bad_total = 0
+    kept: list[str] = []
+    where: list[int] = []  # index in `texts` of each kept document (for its tags)
+    digests: list[bytes] = []
+    nbytes: list[int] = []
+    docs_in = bad_total = 0
     maybe_bad = any("\ufffd" in t for t in texts) if len(texts) < 64 else "\ufffd" in "".join(texts)
     for i, text in enumerate(texts):
         if single:
@@ -437,43 +467,46 @@ def _process_batch(
                 per_src["dropped"] += 1
                 continue
         raw = text.encode("utf-8")
-        h = doc_hash(raw)
-        if dedup:
-            size = len(seen)
-            seen.add(h)
-            if len(seen) == size:  # one set operation instead of a lookup and an insert
-                dups += 1
-                continue
-        is_val = h < val_cut
-        if jsonl:
-            record = {"text": text, **tags[i]} if tags else {"text": text}
-            out[is_val].append(json.dumps(record, ensure_ascii=False) + "\n")
-            for k, v in record.items():
-                if k != "text":
-                    stats.tags[k][v] += 1
+        kept.append(text)
+        where.append(i)
+        digests.append(doc_digest(raw))
+        nbytes.append(len(raw))
+    hashes = np.frombuffer(b"".join(digests), dtype="<u8")
+    new = seen.add(hashes) if cfg.dedup else np.ones(len(kept), dtype=bool)
+    is_val = hashes < np.uint64(int(cfg.val_fraction * 2**64))  # val_fraction < 1: the bound fits
+    sizes = np.array(nbytes, dtype=np.int64)
+    end = "\n" + DOC_SEP + "\n"  # text: each document ends with a separator line
+    for split, mask in (("train", new & ~is_val), ("val", new & is_val)):
+        chosen = np.flatnonzero(mask).tolist()
+        docs = [kept[j] for j in chosen]
+        if fmt == "jsonl":
+            lines = []
+            for j, text in zip(chosen, docs, strict=True):
+                record = {"text": text, **tags[where[j]]} if tags else {"text": text}
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+                for k, v in record.items():
+                    if k != "text":
+                        stats.tags[k][v] += 1
+            payload = "".join(lines)
         else:
-            out[is_val].append(text)
-        nbytes[is_val] += len(raw)
-        nchars[is_val] += n
-    end = "" if jsonl else "\n" + DOC_SEP + "\n"  # text: each document ends with a separator line
-    for is_val, docs in out.items():
-        split = "val" if is_val else "train"
-        if docs:
-            sinks[split].write(end.join(docs) + end)
+            payload = end.join(docs) + end if docs else ""
+        if payload:
+            sinks[split].write(payload)
         stats.docs[split] += len(docs)
-        stats.bytes[split] += nbytes[is_val]
-        stats.chars[split] += nchars[is_val]
+        stats.bytes[split] += int(sizes[mask].sum())
+        stats.chars[split] += sum(map(len, docs))
+    dups = len(kept) - int(new.sum())
     stats.duplicates += dups
     stats.undecodable_bytes += bad_total
     per_src["documents_in"] += docs_in
-    per_src["documents_kept"] += len(out[False]) + len(out[True])
+    per_src["documents_kept"] += len(kept) - dups
     per_src["duplicates"] += dups
 
 
 def process(cfg: PrepareConfig, sources: list[Source], sinks: dict[str, IO[str]], fmt: str) -> Stats:
     """Stream every source through cleaning, filters and de-dup into the train/val sinks."""
     stats = Stats()
-    seen: set[int] = set()
+    seen = SeenHashes()
     total = sum(p.stat().st_size for s in sources for p in s.files)
     columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=True) as progress:

@@ -12,6 +12,7 @@ import tarfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import CODE, assert_user_error, run_script, toy_documents
 
@@ -19,6 +20,7 @@ from minigpt.common import UserError
 from minigpt.config import PrepareConfig
 from minigpt.corpus import (
     DOC_SEP,
+    SeenHashes,
     clean_text,
     download,
     iter_documents,
@@ -260,4 +262,19 @@ def test_line_documents_turn_every_run_of_unicode_blanks_into_one_space() -> Non
             # what normalize_chars removes or rewrites first (controls, CR/LS/PS) is out of this comparison
             text = re.sub("[\x0b\x0c\x1c-\x1f\x85\r\u2028\u2029]", "", text)
             assert normalize_chars(text, lines=True) == re.sub(r"[^\S\n]+", " ", text), repr(text)
+
+
+def test_seen_hashes_keep_first_occurrences_like_a_set() -> None:
+    """De-dup state in sorted numpy runs: the same answers as a Python set, batch after batch."""
+    rng = np.random.default_rng(0)
+    seen, reference = SeenHashes(), set()
+    for size in [1, 0, 50, 7, 300, 2000, 13, 900, 1]:
+        hashes = rng.integers(0, 400, size, dtype=np.uint64) * np.uint64(2**54)  # many repeats, huge values
+        expected = []
+        for h in hashes.tolist():
+            expected.append(h not in reference)
+            reference.add(h)
+        assert seen.add(hashes).tolist() == expected
+        assert len(seen) == len(reference)
+    assert len(seen.runs) < 8  # merged as it grows
 
