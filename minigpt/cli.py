@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import torch
@@ -81,21 +82,26 @@ def generate_cmd(cfg: GenerateConfig) -> None:
         raise UserError("a --prompt is empty; give some text, or leave --prompt out to sample from scratch.")
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
     stream = cfg.stream and len(prompts) == 1 and cfg.num_samples == 1
+    produced, t0 = 0, time.perf_counter()
     for i, text in enumerate(prompts):
         ids = prompt_ids(loaded, text)
         if stream:
             sys.stdout.write(text)
             streamer = Streamer(loaded)
-            generate(loaded.model, ids, cfg.max_new_tokens, sampling, 1, loaded.eot, cfg.seed, streamer,
-                     graph=graph, compile=cfg.compile)
+            rows = generate(loaded.model, ids, cfg.max_new_tokens, sampling, 1, loaded.eot, cfg.seed, streamer,
+                            graph=graph, compile=cfg.compile)
             streamer.flush()
             sys.stdout.write("\n")
-            continue
-        rows = generate(loaded.model, ids, cfg.max_new_tokens, sampling, cfg.num_samples, loaded.eot, cfg.seed + i,
-                        graph=graph, compile=cfg.compile)
-        for j, row in enumerate(rows):
-            console.rule(f"prompt {i + 1} sample {j + 1}")
-            console.print(text + loaded.decode(row), markup=False, highlight=False)
+        else:
+            rows = generate(loaded.model, ids, cfg.max_new_tokens, sampling, cfg.num_samples, loaded.eot,
+                            cfg.seed + i, graph=graph, compile=cfg.compile)
+            for j, row in enumerate(rows):
+                console.rule(f"prompt {i + 1} sample {j + 1}")
+                console.print(text + loaded.decode(row), markup=False, highlight=False)
+        produced += sum(map(len, rows))
+    seconds = time.perf_counter() - t0  # prompts, graph capture and compilation included: what the user waited
+    err_console.print(f"[dim]{produced:,} tokens in {seconds:.2f} s ({produced / max(seconds, 1e-9):,.0f} tokens/s, "
+                      f"start-up included)[/]", highlight=False)
 
 
 @app.command("bench")
