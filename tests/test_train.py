@@ -151,7 +151,7 @@ def test_cli_help_and_generate(tokens: Path, tmp_path: Path) -> None:
     run = str(tmp_path / "run")
     proc = run_script("minigpt", "generate", "--run", run, "--prompt", "Әнием", "--max-new-tokens", "12", "--temperature", "0")
     assert proc.returncode == 0 and proc.stdout.split("\n")[1].startswith("Әнием"), proc.stdout + proc.stderr
-    assert re.search(r"\d+ tokens in [\d.]+ s \([\d,]+ tokens/s", proc.stderr)  # on stderr: stdout stays the text
+    assert re.search(r"\d+ tokens in [\d.]+ s \([\d,]+ tokens/s", proc.stderr)  # the speed, on stderr
     proc = run_script("minigpt", "generate", "--run", run, "--prompt", "a", "--prompt", "б", "--num-samples", "2",
                       "--max-new-tokens", "8")
     assert proc.returncode == 0 and proc.stdout.count("sample 2") == 2
