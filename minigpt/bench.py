@@ -30,7 +30,7 @@ from .common import UserError, console, human_count
 from .config import BenchConfig, model_config
 from .corpus import iter_documents
 from .data import BatchSampler, TokenData
-from .generate import Decoder, Sampling, generate_reference, load_run
+from .generate import Decoder, Sampling, generate_reference, graph_by_default, load_run
 from .model import GPT
 from .tokenizer import load_tokenizer
 from .train import autocast, make_optimizer, peak_flops, resolve_device, resolve_dtype
@@ -141,7 +141,7 @@ PATHS = {  # generation paths, slowest first
 
 def default_path(device: torch.device) -> str:
     """The path `minigpt generate` takes on this device."""
-    return "graph" if device.type == "cuda" else "cache"
+    return "graph" if graph_by_default(device) else "cache"
 
 
 def make_decoder(model: GPT, rows: int, new: int, path: str) -> Decoder:

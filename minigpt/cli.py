@@ -12,7 +12,7 @@ import typer
 
 from .common import UserError, console, err_console
 from .config import BenchConfig, GenerateConfig, ModelConfig, QuantizeConfig, cli_command
-from .generate import Loaded, Sampling, generate, load_run
+from .generate import Loaded, Sampling, generate, graph_by_default, load_run
 from .train import resolve_device
 
 app = typer.Typer(
@@ -73,7 +73,7 @@ def generate_cmd(cfg: GenerateConfig) -> None:
     """Sample text from a trained run (static KV cache, CUDA graph on GPUs; streaming for a single sample)."""
     device = resolve_device(cfg.device)
     loaded = load_run(cfg.run, cfg.checkpoint, device)
-    graph = cfg.cuda_graph and device.type == "cuda"
+    graph = cfg.cuda_graph and graph_by_default(device)
     decode = ("compiled step, " if cfg.compile else "") + ("cuda graph" if graph else "kv cache")
     console.print(f"[dim]{loaded.folder} | step {loaded.config.get('step')} | {device} | {loaded.path} | {decode}[/]",
                   highlight=False)

@@ -141,6 +141,11 @@ def generate(
     return _finish(decoder.run(idx, on_token), eot, rows)
 
 
+def graph_by_default(device: torch.device) -> bool:
+    """Whether decoding replays a CUDA graph unless told otherwise: on CUDA devices, which have them."""
+    return device.type == "cuda"
+
+
 class Decoder:
     """Generation state in preallocated tensors, advanced one token per `step` (see the module doc)."""
 
@@ -165,7 +170,7 @@ class Decoder:
             self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
         self.graph: torch.cuda.CUDAGraph | None = None
         if graph is None:
-            graph = device.type == "cuda"
+            graph = graph_by_default(device)
         if graph:
             self.graph = self._capture()
 
