@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -225,10 +226,22 @@ def evaluate(
 
 def train(cfg: TrainConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     d, device = init_distributed(cfg.device)
-    try:
+    if d.world == 1:
         return Trainer(cfg, overrides, d, device).run()
+    trainer = None
+    try:
+        trainer = Trainer(cfg, overrides, d, device)
+        summary = trainer.run()
+        # Leave together: rank 0 still samples and plots after the last collective, and a process that
+        # tears its connections down while a peer still holds them open can abort at exit.
+        dist.barrier()
+        return summary
     finally:
-        if d.world > 1 and dist.is_initialized():
+        # DDP's reducer holds the process group and its worker threads: free it while the interpreter
+        # is whole, then shut the group down, rather than leave both to interpreter teardown.
+        del trainer
+        gc.collect()
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -108,7 +108,7 @@ def test_two_process_torchrun_matches_one_process(tokens: Path, tmp_path: Path) 
     one = subprocess.run([sys.executable, str(ROOT / "03_train.py"), "--runs-dir", str(tmp_path / "one"),
                           "--total-batch-tokens", str(8 * 32), *args], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stdout + one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                           str(ROOT / "03_train.py"), "--runs-dir", str(tmp_path / "two"), *args],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stdout + two.stderr
@@ -123,8 +123,8 @@ def test_two_process_torchrun_matches_one_process(tokens: Path, tmp_path: Path) 
 def test_two_processes_agree_to_stop_on_the_time_limit(tokens: Path, tmp_path: Path) -> None:
     """Under torchrun the clock is checked at log steps only; both processes stop there together."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29518", str(ROOT / "03_train.py"), "--runs-dir", str(tmp_path), "--data", str(tokens),
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(ROOT / "03_train.py"), "--runs-dir", str(tmp_path), "--data", str(tokens),
                            "--name", "run", "--device", "cpu", "--batch-size", "4", "--max-steps", "100000",
                            "--max-minutes", "0.1", "--log-every", "5", "--eval-every", "100000", "--eval-tokens", "2048",
                            *MODEL_ARGS], env=env, capture_output=True, text=True, timeout=300)
