@@ -19,7 +19,7 @@ from minigpt.common import UserError, console
 from minigpt.config import QuickTestConfig, cli_command, script_app
 from minigpt.corpus import iter_documents
 from minigpt.data import TokenData, eval_windows
-from minigpt.generate import Sampling, generate, load_run
+from minigpt.generate import Sampling, generate_many, load_run
 from minigpt.train import Dist, evaluate, resolve_device
 
 
@@ -40,12 +40,13 @@ def main(cfg: QuickTestConfig) -> None:
     dataset = Path(data.meta["dataset"])
     val_docs = [t for t, _ in itertools.islice(iter_documents(dataset, "val"), 200)] if dataset.exists() else []
     prompts = cfg.prompt or [" ".join(d.split(" ")[:4])[:40] for d in val_docs[:3]] or [""]
+    ids = [[run.eot, *run.encode(prompt)][-(block - 1) :] for prompt in prompts]
+    samples = {temp: generate_many(model, ids, cfg.max_new_tokens, Sampling(temp, top_k=100), 1, run.eot, cfg.seed)
+               for temp in cfg.temperature}  # all prompts in one batch per temperature
     for i, prompt in enumerate(prompts):
-        ids = [run.eot, *run.encode(prompt)][-(block - 1) :]
         for temp in cfg.temperature:
-            out = generate(model, ids, cfg.max_new_tokens, Sampling(temp, top_k=100), 1, run.eot, cfg.seed + i)[0]
             console.rule(f"prompt {i + 1}, temperature {temp}")
-            console.print(prompt + run.decode(out), markup=False, highlight=False)
+            console.print(prompt + run.decode(samples[temp][i][0]), markup=False, highlight=False)
 
     # 2. perplexity of a few short val sentences (the first line of a document), each from a document start
     table = Table(title="per-sentence perplexity (val)")

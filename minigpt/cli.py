@@ -12,7 +12,7 @@ import typer
 
 from .common import UserError, console, err_console
 from .config import BenchConfig, GenerateConfig, ModelConfig, QuantizeConfig, cli_command
-from .generate import Loaded, Sampling, generate, graph_by_default, load_run
+from .generate import Loaded, Sampling, generate, generate_many, graph_by_default, load_run
 from .train import resolve_device
 
 app = typer.Typer(
@@ -82,23 +82,24 @@ def generate_cmd(cfg: GenerateConfig) -> None:
         raise UserError("a --prompt is empty; give some text, or leave --prompt out to sample from scratch.")
     sampling = Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
     stream = cfg.stream and len(prompts) == 1 and cfg.num_samples == 1
-    produced, t0 = 0, time.perf_counter()
-    for i, text in enumerate(prompts):
-        ids = prompt_ids(loaded, text)
-        if stream:
-            sys.stdout.write(text)
-            streamer = Streamer(loaded)
-            rows = generate(loaded.model, ids, cfg.max_new_tokens, sampling, 1, loaded.eot, cfg.seed, streamer,
-                            graph=graph, compile=cfg.compile)
-            streamer.flush()
-            sys.stdout.write("\n")
-        else:
-            rows = generate(loaded.model, ids, cfg.max_new_tokens, sampling, cfg.num_samples, loaded.eot,
-                            cfg.seed + i, graph=graph, compile=cfg.compile)
+    t0 = time.perf_counter()
+    ids = [prompt_ids(loaded, text) for text in prompts]
+    if stream:
+        sys.stdout.write(prompts[0])
+        streamer = Streamer(loaded)
+        rows = generate(loaded.model, ids[0], cfg.max_new_tokens, sampling, 1, loaded.eot, cfg.seed, streamer,
+                        graph=graph, compile=cfg.compile)
+        streamer.flush()
+        sys.stdout.write("\n")
+        produced = len(rows[0])
+    else:  # every prompt and sample in one batch
+        batches = generate_many(loaded.model, ids, cfg.max_new_tokens, sampling, cfg.num_samples, loaded.eot,
+                                cfg.seed, graph=graph, compile=cfg.compile)
+        for i, (text, rows) in enumerate(zip(prompts, batches, strict=True)):
             for j, row in enumerate(rows):
                 console.rule(f"prompt {i + 1} sample {j + 1}")
                 console.print(text + loaded.decode(row), markup=False, highlight=False)
-        produced += sum(map(len, rows))
+        produced = sum(len(row) for rows in batches for row in rows)
     seconds = time.perf_counter() - t0  # prompts, graph capture and compilation included: what the user waited
     err_console.print(f"[dim]{produced:,} tokens in {seconds:.2f} s ({produced / max(seconds, 1e-9):,.0f} tokens/s, "
                       f"start-up included)[/]", highlight=False)

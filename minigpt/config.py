@@ -200,7 +200,7 @@ class TrainConfig:
 
 @dataclass
 class GenerateConfig:
-    prompt: list[str] = opt(factory=list, help="Prompt text; repeat the option for several prompts.")
+    prompt: list[str] = opt(factory=list, help="Prompt text; repeat the option for several prompts (generated in one batch).")
     run: str = opt("", help="Run folder (default: the most recent under runs/).")
     checkpoint: str = opt("best", help="best or last.")
     max_new_tokens: int = opt(200, help="Tokens to generate per sample.")

@@ -1,9 +1,10 @@
 """Text generation: sampling rules, the fast path, and the plain reference path it is tested against.
 
 Both paths take a batch of rows that share one prompt (several samples at once) and return the new
-token ids of each row, stopping a row at <|endoftext|>. Randomness comes from a private generator,
-so sampling during training never disturbs the training RNG; both paths draw the same random numbers
-in the same order, so with one seed they sample the same tokens.
+token ids of each row, stopping a row at <|endoftext|>; `generate_many` batches several prompts on the
+fast path, left-padded to one length. Randomness comes from a private generator, so sampling during
+training never disturbs the training RNG; both paths draw the same random numbers in the same order,
+so with one seed they sample the same tokens.
 
 The fast path (`Decoder`) keeps everything in preallocated tensors: the KV cache, the current token,
 its position, the sampled tokens, the done flags. One decode step (model, sampling, bookkeeping) then
@@ -73,12 +74,23 @@ def draw_noise(shape: tuple[int, int], device: torch.device, gen: torch.Generato
     return out.exponential_(generator=gen)
 
 
-def _setup(model: GPT, prompt: list[int], rows: int, seed: int | None) -> tuple[torch.Tensor, torch.Generator | None]:
-    if not prompt:
-        raise UserError("the prompt is empty; give some text (or start from <|endoftext|>).")
+def pad_prompts(prompts: list[list[int]], rows: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """`rows` rows per prompt, in one (rows * prompts, longest) tensor, and each row's first real slot.
+
+    Shorter prompts are left-padded, so every row's next token lands in the same cache slot; the padding
+    repeats the row's own first token, which keeps the repetition penalty's set of seen tokens as it is.
+    """
+    if not prompts or any(not p for p in prompts):
+        raise UserError("a prompt is empty; give some text (or start from <|endoftext|>).")
+    longest = max(map(len, prompts))
+    ids = [[p[0]] * (longest - len(p)) + p for p in prompts for _ in range(rows)]
+    first = [longest - len(p) for p in prompts for _ in range(rows)]
+    return torch.tensor(ids, dtype=torch.long, device=device), first
+
+
+def _generator(model: GPT, seed: int | None) -> torch.Generator | None:
     device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    return torch.tensor([prompt] * rows, dtype=torch.long, device=device), gen
+    return torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
 
 @torch.no_grad()
@@ -93,7 +105,8 @@ def generate_reference(
     on_token: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Recompute the whole (cropped) sequence for every new token: slow, obviously right."""
-    idx, gen = _setup(model, prompt, rows, seed)
+    idx, _ = pad_prompts([prompt], rows, next(model.parameters()).device)
+    gen = _generator(model, seed)
     seen = _seen(idx, model.cfg.vocab_size)
     done = torch.zeros(rows, dtype=torch.bool, device=idx.device)
     out: list[torch.Tensor] = []
@@ -134,11 +147,36 @@ def generate(
     path instead slides one token at a time, so past the context the two may differ). `on_token` gets
     row 0's new token after each step (for streaming; it costs one host sync a token).
     """
-    idx, gen = _setup(model, prompt, rows, seed)
+    return generate_many(model, [prompt], max_new, s, rows, eot, seed, on_token, graph, compile)[0]
+
+
+@torch.no_grad()
+def generate_many(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new: int,
+    s: Sampling,
+    rows: int = 1,
+    eot: int | None = None,
+    seed: int | None = 0,
+    on_token: Callable[[int], None] | None = None,
+    graph: bool | None = None,
+    compile: bool = False,
+) -> list[list[list[int]]]:
+    """`generate` for several prompts in one batch (`rows` rows each); returns each prompt's rows.
+
+    Prompts of different lengths are left-padded and attention skips the padding (`KVCache.first`),
+    so each row's tokens are those it would get alone, up to float rounding (greedy is tested against
+    the reference). Random draws differ: one generator serves the whole batch. All rows share the
+    context, so a short prompt's row slides its context when the longest prompt's row does.
+    """
+    device = next(model.parameters()).device
+    idx, first = pad_prompts(prompts, rows, device)
     if max_new < 1:
-        return [[] for _ in range(rows)]
-    decoder = Decoder(model, rows, max_new, s, eot, gen, graph=graph, compile=compile)
-    return _finish(decoder.run(idx, on_token), eot, rows)
+        return [[[] for _ in range(rows)] for _ in prompts]
+    decoder = Decoder(model, len(first), max_new, s, eot, _generator(model, seed), graph=graph, compile=compile)
+    out = _finish(decoder.run(idx, on_token, first), eot, len(first))
+    return [out[i * rows : (i + 1) * rows] for i in range(len(prompts))]
 
 
 def graph_by_default(device: torch.device) -> bool:
@@ -165,6 +203,7 @@ class Decoder:
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device) if s.repetition_penalty != 1 else None
         self.noise = torch.empty(rows, vocab, device=device) if s.temperature > 0 else None
+        self.first = [0] * rows  # each row's first real slot in the prompt rows (left padding), set by `start`
         self.step_fn: Callable[[], None] = self._step
         if compile:
             self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
@@ -213,20 +252,25 @@ class Decoder:
 
     # the host loop
 
-    def start(self, idx: torch.Tensor) -> None:
+    def start(self, idx: torch.Tensor, first: list[int] | None = None) -> None:
         """A new generation after the prompt rows `idx`: reset the state, encode the prompt (its last
-        context's worth) and sample the first token."""
+        context's worth) and sample the first token. `first`: each row's first real slot when the rows
+        are left-padded (`pad_prompts`)."""
         self.n.zero_()
         self.done.zero_()
+        self.first = first or [0] * idx.size(0)
         if self.seen is not None:
             self.seen.zero_().scatter_(1, idx, True)
-        self._prefill(idx[:, -self.model.cfg.block_size :])
+        self._prefill(idx, self.model.cfg.block_size)
 
-    def _prefill(self, idx: torch.Tensor) -> None:
-        """Encode `idx` into an empty cache and sample the token after it."""
+    def _prefill(self, seq: torch.Tensor, keep: int) -> None:
+        """Encode the last `keep` slots of `seq` (the prompt rows, then what was sampled) into an empty
+        cache and sample the token after them."""
+        cut = max(0, seq.size(1) - keep)
         self.cache.pos = 0
-        logits = self.model(idx, cache=self.cache, last_only=True).logits[:, -1]
-        self.pos.fill_(idx.size(1))
+        self.cache.set_first([max(0, f - cut) for f in self.first])
+        logits = self.model(seq[:, cut:], cache=self.cache, last_only=True).logits[:, -1]
+        self.pos.fill_(seq.size(1) - cut)
         self._draw()
         self._sample(logits)
 
@@ -241,10 +285,12 @@ class Decoder:
         else:
             self.step_fn()
 
-    def run(self, idx: torch.Tensor, on_token: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Generate up to `max_new` tokens after the prompt rows `idx`; returns (rows, produced)."""
+    def run(self, idx: torch.Tensor, on_token: Callable[[int], None] | None = None,
+            first: list[int] | None = None) -> torch.Tensor:
+        """Generate up to `max_new` tokens after the prompt rows `idx` (left-padded: `first`, as for
+        `start`); returns (rows, produced)."""
         T = self.model.cfg.block_size
-        self.start(idx)
+        self.start(idx, first)
         filled = min(idx.size(1), T)
         produced = 1
         while True:
@@ -256,9 +302,8 @@ class Decoder:
                 if bool(self.done.all()):
                     break
             if filled == T:  # context full: keep the most recent 3/4 (with the newest token) and carry on
-                history = torch.cat([idx, self.out[:, :produced]], dim=1)[:, -(3 * T) // 4 :]
-                self._prefill(history)
-                filled = history.size(1)
+                filled = (3 * T + 3) // 4
+                self._prefill(torch.cat([idx, self.out[:, :produced]], dim=1), filled)
             else:
                 self.step()
                 filled += 1

@@ -38,6 +38,25 @@ class KVCache:
         self.pos = 0  # positions filled so far by `GPT.forward` (the same for every row of the batch)
         self.max_len = max_len
         self.positions = torch.arange(max_len, device=device)
+        # Rows of different prompts are left-padded to one length: `first` is each row's first real slot,
+        # and attention never looks before it. RoPE sees only position differences, so a row shifted
+        # right by its padding attends exactly as it would alone. `padded` (on the host) says whether
+        # any row has padding, so that unpadded prompts keep the mask-free causal kernel.
+        self.first = torch.zeros(batch, dtype=torch.long, device=device)
+        self.padded = False
+
+    def set_first(self, first: list[int]) -> None:
+        """Each row's first real slot (0 for a row without padding), in place: a captured step reads it."""
+        self.first.copy_(torch.tensor(first, dtype=torch.long))
+        self.padded = any(first)
+
+    def prefill_mask(self, T: int) -> torch.Tensor:
+        """(rows, 1, T, pos + T) bool: causal, and blind to each row's padding, except that a padding slot
+        sees itself (a query with nothing to see would give NaNs, which would leak through the cache)."""
+        q = self.positions[self.pos : self.pos + T, None]
+        k = self.positions[None, : self.pos + T]
+        real = k >= self.first[:, None, None]
+        return ((k <= q) & (real | (k == q)))[:, None]
 
 
 def rotary_tables(cfg: ModelConfig, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +104,9 @@ class Attention(nn.Module):
             cache.k[layer, :B, :, start : start + T] = k
             cache.v[layer, :B, :, start : start + T] = v
             k, v = cache.k[layer, :B, :, : start + T], cache.v[layer, :B, :, : start + T]
-            if start == 0:  # an empty cache: plain causal attention over the new tokens (the fast kernels)
+            if mask is not None:  # left-padded rows (`KVCache.prefill_mask`)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            elif start == 0:  # an empty cache: plain causal attention over the new tokens (the fast kernels)
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             elif T == 1:  # one new token sees everything cached: no mask needed
                 y = F.scaled_dot_product_attention(q, k, v)
@@ -171,12 +192,13 @@ class GPT(nn.Module):
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.block_size}")
         cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+        mask = cache.prefill_mask(T) if cache is not None and cache.padded else None
         x = self.drop(self.wte(idx))
         for i, block in enumerate(self.blocks):
             if self.grad_checkpoint and self.training:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache, i)
+                x = block(x, cos, sin, cache, i, mask=mask)
         if cache is not None:
             cache.pos += T
         if last_only:
@@ -193,16 +215,19 @@ class GPT(nn.Module):
 
         Every shape is fixed and nothing is read back to the host, so the step can be captured in a CUDA
         graph and replayed for each token: the token's keys and values go into the cache at `pos`, and
-        attention reads the whole cache with the positions after `pos` masked out. The cache must hold
-        exactly the rows of `tok`, and `pos` must be below `cache.max_len`.
+        attention reads the whole cache with the positions after `pos`, and each row's left padding
+        (`cache.first`), masked out. The cache must hold exactly the rows of `tok`, and `pos` must be
+        below `cache.max_len`.
         """
         at = pos.view(1)
         x = self.wte(tok[:, None])
         # cast once here rather than in every layer: the step's kernel count is its cost
         cos, sin = self.cos.index_select(0, at).to(x.dtype), self.sin.index_select(0, at).to(x.dtype)
-        # additive mask, built once for all layers: 0 where visible, -inf after `pos`
-        mask = torch.zeros(cache.max_len, dtype=x.dtype, device=x.device)
-        mask = mask.masked_fill(cache.positions > pos, float("-inf")).view(1, 1, 1, -1)
+        # additive mask, built once for all layers: 0 where visible, -inf after `pos` and before each
+        # row's first real slot (left padding)
+        hidden = (cache.positions > pos) | (cache.positions < cache.first[:, None])
+        mask = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill(hidden, float("-inf"))
+        mask = mask[:, None, None]
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i, at, mask)
         return self.lm_head(self.norm_f(x))[:, 0]

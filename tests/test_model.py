@@ -5,8 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from minigpt.common import UserError
 from minigpt.config import ModelConfig, model_config
-from minigpt.generate import Decoder, Sampling, draw_noise, generate, generate_reference, next_token
+from minigpt.generate import (
+    Decoder,
+    Sampling,
+    draw_noise,
+    generate,
+    generate_many,
+    generate_reference,
+    next_token,
+    pad_prompts,
+)
 from minigpt.model import GPT, KVCache
 
 
@@ -29,7 +39,7 @@ def test_future_tokens_do_not_change_earlier_logits(mlp: str) -> None:
 
 
 def test_kv_cache_greedy_matches_reference() -> None:
-    model = small()
+    model = small(tie_embeddings=False)  # a random tied model greedily repeats its last token: too easy
     prompt = [5, 17, 3, 88, 42, 7]
     fast = generate(model, prompt, 40, Sampling(temperature=0), rows=3)
     ref = generate_reference(model, prompt, 40, Sampling(temperature=0), rows=3)
@@ -41,6 +51,28 @@ def test_kv_cache_sampling_matches_reference_with_the_same_seed() -> None:
     s = Sampling(temperature=1.1, top_k=20, top_p=0.9, repetition_penalty=1.3)
     assert generate(model, [1, 2, 3], 30, s, rows=4, seed=7) == generate_reference(model, [1, 2, 3], 30, s, rows=4, seed=7)
     assert generate(model, [1, 2, 3], 30, s, rows=4, seed=7) != generate(model, [1, 2, 3], 30, s, rows=4, seed=8)
+
+
+def test_prompts_of_different_lengths_in_one_batch_match_each_alone() -> None:
+    """Left padding is invisible: each row's greedy tokens are those of its prompt alone (the penalty
+    and untied head keep greedy off trivial repeats, so a mask that leaked padding would show)."""
+    model = small(tie_embeddings=False)
+    prompts = [[5, 17, 3, 88, 42, 7], [9], list(range(1, 21))]
+    s = Sampling(temperature=0, repetition_penalty=1.5)
+    batched = generate_many(model, prompts, 25, s, rows=2)
+    assert batched == [generate_reference(model, p, 25, s, rows=2) for p in prompts]
+    # past the context (48) every row slides with the longest, whose tokens stay those of its run alone
+    long = generate_many(model, prompts, 60, s)
+    assert [len(r[0]) for r in long] == [60] * 3 and long[2] == generate(model, prompts[2], 60, s)
+    # and the padding left in the window after a slide stays hidden: 20 prompt + 28 decoded slots fill
+    # the context at the 29th token; keeping 36 of the 49 cuts 13 slots, so pads of 14/19/0 become 1/6/0
+    dec = Decoder(model, 3, 35, s, graph=False)
+    idx, first = pad_prompts(prompts, 1, torch.device("cpu"))
+    dec.run(idx, first=first)
+    assert dec.cache.first.tolist() == [1, 6, 0] and dec.cache.padded
+    assert generate_many(model, prompts, 0, s) == [[[]]] * 3
+    with pytest.raises(UserError, match="prompt is empty"):
+        generate_many(model, [[1], []], 5, s)
 
 
 def test_cache_prefill_in_chunks_equals_one_forward() -> None:
@@ -100,6 +132,9 @@ def test_cuda_graph_decoding_matches_reference(compile: bool) -> None:
         eager = generate(model, prompt, 100, s, rows=4, seed=seed, graph=False)
         ref = generate_reference(model, prompt, 40, s, rows=4, seed=seed)
         assert fast == eager and [r[:40] for r in fast] == ref
+        prompts = [prompt, [3], list(range(1, 30))]  # left-padded rows: the padding mask in the graph
+        assert (generate_many(model, prompts, 60, s, 2, seed=seed, graph=True, compile=compile)
+                == generate_many(model, prompts, 60, s, 2, seed=seed, graph=False))
     assert generate(model, prompt, 1, Sampling(temperature=0), graph=True) == generate_reference(
         model, prompt, 1, Sampling(temperature=0))  # a one-token buffer survives the capture's warm-up
 

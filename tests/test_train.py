@@ -152,9 +152,11 @@ def test_cli_help_and_generate(tokens: Path, tmp_path: Path) -> None:
     proc = run_script("minigpt", "generate", "--run", run, "--prompt", "Әнием", "--max-new-tokens", "12", "--temperature", "0")
     assert proc.returncode == 0 and proc.stdout.split("\n")[1].startswith("Әнием"), proc.stdout + proc.stderr
     assert re.search(r"\d+ tokens in [\d.]+ s \([\d,]+ tokens/s", proc.stderr)  # the speed, on stderr
-    proc = run_script("minigpt", "generate", "--run", run, "--prompt", "a", "--prompt", "б", "--num-samples", "2",
-                      "--max-new-tokens", "8")
+    alone = proc.stdout.split("\n")[1]
+    proc = run_script("minigpt", "generate", "--run", run, "--prompt", "a", "--prompt", "Әнием", "--num-samples", "2",
+                      "--max-new-tokens", "12", "--temperature", "0")  # one batch, the shorter prompt left-padded
     assert proc.returncode == 0 and proc.stdout.count("sample 2") == 2
+    assert proc.stdout.count(f"\n{alone}\n") == 2, proc.stdout  # as when it ran alone
     assert_user_error(run_script("minigpt", "generate", "--run", run, "--prompt", ""), "prompt is empty")
     assert_user_error(run_script("minigpt", "generate", "--run", str(tmp_path / "none")), "does not exist")
     proc = run_script("quick_test.py", "--run", run, "--max-new-tokens", "8", "--temperature", "0.8")
