@@ -6,9 +6,10 @@
     python 01_prepare_data.py dump.jsonl.gz https://example.org/corpus.txt.gz
 """
 
-from minigpt.common import console
-from minigpt.config import PrepareConfig, as_dict, cli_command, script_app
+from minigpt.cli import cli_command, script_app
+from minigpt.config import PrepareConfig, as_dict
 from minigpt.corpus import prepare, stats_table
+from minigpt.utils import console
 
 
 @cli_command(PrepareConfig)

@@ -5,9 +5,10 @@
     python 02_train_tokenizer.py --data data/tinyshakespeare --char
 """
 
-from minigpt.common import console
-from minigpt.config import TokenizerConfig, as_dict, cli_command, script_app
+from minigpt.cli import cli_command, script_app
+from minigpt.config import TokenizerConfig, as_dict
 from minigpt.tokenizer import build, summary_table
+from minigpt.utils import console
 
 
 @cli_command(TokenizerConfig)

@@ -10,9 +10,10 @@ from typing import Any
 
 import typer
 
-from minigpt.common import console
-from minigpt.config import ModelConfig, TrainConfig, cli_command, script_app
+from minigpt.cli import cli_command, script_app
+from minigpt.config import ModelConfig, TrainConfig
 from minigpt.train import summary_table, train
+from minigpt.utils import console
 
 
 @cli_command(TrainConfig, overrides=ModelConfig, skip=("vocab_size",))

@@ -10,17 +10,18 @@ import itertools
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import typer
 from rich.table import Table
 
-from minigpt.common import UserError, console
-from minigpt.config import QuickTestConfig, cli_command, script_app
+from minigpt.checkpoint import load_run
+from minigpt.cli import cli_command, script_app
+from minigpt.config import QuickTestConfig, Sampling
 from minigpt.corpus import iter_documents
 from minigpt.data import TokenData, eval_windows
-from minigpt.generate import Sampling, generate_many, load_run
-from minigpt.train import Dist, evaluate, resolve_device
+from minigpt.evaluate import evaluate, unigram_baseline
+from minigpt.generate import generate_many
+from minigpt.utils import UserError, console, resolve_device, rule
 
 
 @cli_command(QuickTestConfig)
@@ -28,13 +29,13 @@ from minigpt.train import Dist, evaluate, resolve_device
 def main(cfg: QuickTestConfig) -> None:
     """Print samples, per-sentence perplexity and val bits per byte; fail if a unigram model does as well."""
     device = resolve_device(cfg.device)
-    run = load_run(cfg.run, cfg.checkpoint, device)
+    run = load_run(cfg.run, cfg.checkpoint, device, cfg.runs_dir)
     model, block = run.model, run.model.cfg.block_size
     data = TokenData(cfg.data or run.config["data"]["folder"])
     if data.meta["tokenizer_sha256"] != run.config["data"]["tokenizer_sha256"]:
         raise UserError(f"{data.folder} was encoded with another tokenizer than {run.folder}; pass matching --data.")
     console.print(f"[bold]quick test[/] {run.folder} (step {run.config.get('step')}, {model.num_params():,} parameters, "
-                  f"{run.path}) on {data.folder}")
+                  f"{run.matmul}) on {data.folder}")
 
     # 1. samples: the given prompts, else the first words of a few val documents
     dataset = Path(data.meta["dataset"])
@@ -45,7 +46,7 @@ def main(cfg: QuickTestConfig) -> None:
                for temp in cfg.temperature}  # all prompts in one batch per temperature
     for i, prompt in enumerate(prompts):
         for temp in cfg.temperature:
-            console.rule(f"prompt {i + 1}, temperature {temp}")
+            rule(f"prompt {i + 1}, temperature {temp}")
             console.print(prompt + run.decode(samples[temp][i][0]), markup=False, highlight=False)
 
     # 2. perplexity of a few short val sentences (the first line of a document), each from a document start
@@ -61,25 +62,19 @@ def main(cfg: QuickTestConfig) -> None:
 
     # 3. val loss and bits per byte, against a unigram model of the training tokens on the same targets
     windows = eval_windows(data.val, block, cfg.eval_tokens)
-    val_loss, val_bpb = evaluate(model, data, windows, block, 16, device, torch.float32, Dist())
-    counts = np.zeros(data.vocab_size, dtype=np.float64)
-    for arr in data.train.arrays:
-        counts += np.bincount(arr, minlength=data.vocab_size)
-    logp = np.log((counts + 1) / (counts.sum() + data.vocab_size))  # add-one: unseen tokens keep some mass
-    targets = np.concatenate([data.val.arrays[s][o + 1 : o + block + 1] for s, o in windows])
-    uni_loss = float(-logp[targets].mean())
-    uni_bpb = uni_loss / math.log(2) / data.bytes_per_token
-    t = Table(title=f"val, {targets.size:,} tokens")
+    score = evaluate(model, data, windows, block, 16, device, torch.float32)
+    unigram = unigram_baseline(data, windows, block)
+    t = Table(title=f"val, {score.tokens:,} tokens ({score.bytes:,} bytes of text)")
     for col in ("model", "loss (nats/token)", "bits per byte"):
         t.add_column(col, justify="right")
-    t.add_row("this run", f"{val_loss:.4f}", f"{val_bpb:.4f}")
-    t.add_row("unigram baseline", f"{uni_loss:.4f}", f"{uni_bpb:.4f}")
+    t.add_row("this run", f"{score.loss:.4f}", f"{score.bpb:.4f}")
+    t.add_row("unigram baseline", f"{unigram.loss:.4f}", f"{unigram.bpb:.4f}")
     console.print(t)
-    console.print(f"val_bpb {val_bpb:.4f}")
-    if val_loss >= uni_loss:
+    console.print(f"val_bpb {score.bpb:.4f}")
+    if score.loss >= unigram.loss:
         console.print("[bold red]the model is no better than a unigram baseline: train longer or check the data[/]")
         raise typer.Exit(1)
-    console.print(f"[green]better than the unigram baseline by {uni_bpb - val_bpb:.3f} bits per byte[/]")
+    console.print(f"[green]better than the unigram baseline by {unigram.bpb - score.bpb:.3f} bits per byte[/]")
 
 
 if __name__ == "__main__":

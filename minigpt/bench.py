@@ -2,8 +2,9 @@
 
 Every figure is measured here, on random weights of a preset's shape or on a trained run:
 - training: ms/step, tokens/s, MFU, peak memory, for the eager model and (on CUDA) the compiled one;
-- inference: prefill tokens/s for a prompt; decode tokens/s and ms/token p50/p95 at batch 1 (streamed),
-  and tokens/s at batch 1, 8 and 32, for each generation path in PATHS (the CUDA-graph ones on CUDA);
+- inference: prefill tokens/s for a prompt (to its first new token); decode tokens/s and ms/token
+  p50/p95 at batch 1 (streamed), and tokens/s at batch 1, 8 and 32, for each decode mode in
+  DECODE_MODES (the CUDA-graph ones on CUDA);
 - data: batches/s and tokens/s from the memmap shards, tokenizer encode MB/s;
 - with --profile DIR: torch.profiler traces and top-operator tables of training steps and of decoding.
 MFU is against the device's bf16 dense peak from a table, or a measured matmul rate when unknown.
@@ -26,23 +27,16 @@ import torch
 from rich.console import Group
 from rich.table import Table
 
-from .common import UserError, console, human_count
-from .config import BenchConfig, model_config
+from .checkpoint import load_run
+from .config import BenchConfig, Sampling, TrainConfig, model_config
 from .corpus import iter_documents
-from .data import BatchSampler, TokenData
-from .generate import Decoder, Sampling, generate_reference, graph_by_default, load_run
+from .data import BatchSampler, TokenData, load_tokenizer
+from .generate import DECODE_MODES, Decoder, default_mode, generate_reference
 from .model import GPT
-from .tokenizer import load_tokenizer
-from .train import autocast, make_optimizer, peak_flops, resolve_device, resolve_dtype
+from .train import make_optimizer
+from .utils import UserError, autocast, console, human_count, peak_flops, resolve_device, resolve_dtype, sync
 
 BATCHES = (1, 8, 32)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def device_name(device: torch.device) -> str:
@@ -86,8 +80,6 @@ def reset_peak(device: torch.device) -> None:
 
 def train_step(model: GPT, cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: bool) -> Callable[[], None]:
     """One optimizer step on a fixed random batch: forward and backward under autocast, clip, AdamW."""
-    from .config import TrainConfig
-
     T = model.cfg.block_size
     model.train()
     step_model: Callable[..., Any] = torch.compile(model, mode=cfg.compile_mode) if compiled else model
@@ -131,28 +123,19 @@ def bench_train(
     }
 
 
-PATHS = {  # generation paths, slowest first
-    "plain": "whole sequence recomputed per token (the reference)",
-    "cache": "static KV cache, eager step",
-    "graph": "static KV cache, step replayed from a CUDA graph",
-    "compiled": "static KV cache, torch.compile'd step in a CUDA graph",
-}
+def make_decoder(model: GPT, rows: int, new: int, mode: str) -> Decoder:
+    return Decoder(model, rows, new, Sampling(temperature=0), graph=mode in ("graph", "compiled"),
+                   compile=mode == "compiled")
 
 
-def default_path(device: torch.device) -> str:
-    """The path `minigpt generate` takes on this device."""
-    return "graph" if graph_by_default(device) else "cache"
-
-
-def make_decoder(model: GPT, rows: int, new: int, path: str) -> Decoder:
-    return Decoder(model, rows, new, Sampling(temperature=0), graph=path in ("graph", "compiled"),
-                   compile=path == "compiled")
+def _device(model: GPT) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
-def bench_inference(model: GPT, cfg: BenchConfig, device: torch.device, path: str) -> dict[str, Any]:
-    """Prefill and decode figures for one generation path (a key of PATHS)."""
-    T = model.cfg.block_size
+def bench_inference(model: GPT, cfg: BenchConfig, mode: str) -> dict[str, Any]:
+    """Prefill and decode figures for one decode mode (a key of DECODE_MODES)."""
+    device, T = _device(model), model.cfg.block_size
     prompt_len = min(cfg.prompt_tokens, T // 2)
     new = min(cfg.new_tokens, T - prompt_len)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -162,12 +145,17 @@ def bench_inference(model: GPT, cfg: BenchConfig, device: torch.device, path: st
 
     reset_peak(device)
     t0 = time.perf_counter()
-    decoder = make_decoder(model, 1, new, path) if path != "plain" else None
+    decoder = make_decoder(model, 1, new, mode) if mode != "plain" else None
     sync(device)
     out["setup_s"] = time.perf_counter() - t0  # graph capture and compilation
 
-    # prefill: the prompt through the model once (into the cache, and the first token sampled, on the fast paths)
-    prefill = (lambda: model(x)) if decoder is None else (lambda: decoder.start(x))
+    # prefill: the whole prompt through the model, up to the first new token's logits
+    if decoder is None:
+        prefill = lambda: model(x, last_only=True)  # noqa: E731
+    else:
+        def prefill() -> None:
+            decoder.start([prompt])
+            decoder.step()
     prefill()
     sync(device)
     reps, t0 = 5, time.perf_counter()
@@ -188,35 +176,40 @@ def bench_inference(model: GPT, cfg: BenchConfig, device: torch.device, path: st
         t0 = time.perf_counter()
         generate_reference(model, prompt, new, greedy, 1, on_token=stamp)
     else:
-        decoder.run(x)  # warm-up
+        decoder.run([prompt])  # warm-up
         t0 = time.perf_counter()
-        decoder.run(x, on_token=stamp)
+        decoder.run([prompt], on_token=stamp)
     gaps = [b - a for a, b in itertools.pairwise([t0, *stamps])][1:]  # the first gap is the prefill
     out["ms_per_token_p50"] = statistics.median(gaps) * 1000
     out["ms_per_token_p95"] = sorted(gaps)[max(0, int(0.95 * len(gaps)) - 1)] * 1000
     for rows in BATCHES:
-        out[f"decode_batch{rows}_tokens_per_s"] = decode_tokens_per_s(model, prompt, new, rows, device, path)
+        out[f"decode_batch{rows}_tokens_per_s"] = decode_tokens_per_s(model, prompt, new, rows, mode)
     out["peak_memory_gib"] = peak_memory(device)
     return out
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model: GPT, prompt: list[int], new: int, rows: int, device: torch.device, path: str) -> float:
-    """Greedy decoding throughput of all rows, without streaming, prefill excluded."""
+def decode_tokens_per_s(model: GPT, prompt: list[int], new: int, rows: int, mode: str) -> float:
+    """Greedy decoding throughput of all rows, without streaming, the prefill and first token excluded."""
+    device = _device(model)
     x = torch.tensor([prompt] * rows, device=device)
-    if path == "plain":
+    if mode == "plain":
         greedy = Sampling(temperature=0)
         run = lambda: generate_reference(model, prompt, new, greedy, rows)  # noqa: E731
-        prefill = lambda: model(x)  # noqa: E731
+        prefill = lambda: model(x, last_only=True)  # noqa: E731
         generate_reference(model, prompt, 2, greedy, rows)  # warm-up (short: this path is slow)
     else:
-        decoder = make_decoder(model, rows, new, path)
-        run, prefill = (lambda: decoder.run(x)), (lambda: decoder.start(x))
+        decoder = make_decoder(model, rows, new, mode)
+        run = lambda: decoder.run([prompt] * rows)  # noqa: E731
+
+        def prefill() -> None:
+            decoder.start([prompt] * rows)
+            decoder.step()
         run()  # warm-up
     times = []
     for fn in (prefill, run):  # the best of a few runs: the figure the device can reach, less the noise
         best = float("inf")
-        for _ in range(1 if path == "plain" else 3):
+        for _ in range(1 if mode == "plain" else 3):
             sync(device)
             t0 = time.perf_counter()
             fn()
@@ -230,7 +223,7 @@ def profile_steps(
     model: GPT | None, inference_model: GPT, cfg: BenchConfig, device: torch.device, dtype: torch.dtype, folder: Path
 ) -> dict[str, Any]:
     """torch.profiler over three training steps (compiled on CUDA when --compile) and over one batch-1
-    generation on the default path: a Chrome/Perfetto trace and a top-operator table for each."""
+    generation in the default decode mode: a Chrome/Perfetto trace and a top-operator table for each."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -243,9 +236,9 @@ def profile_steps(
     prompt_len = min(cfg.prompt_tokens, T // 2)
     new = min(cfg.new_tokens, T - prompt_len)
     inference_model.eval()
-    decoder = make_decoder(inference_model, 1, new, default_path(device))
-    x = torch.randint(0, inference_model.cfg.vocab_size, (1, prompt_len), device=device)
-    jobs["decode"] = lambda: decoder.run(x)
+    decoder = make_decoder(inference_model, 1, new, default_mode(device))
+    prompt = torch.randint(0, inference_model.cfg.vocab_size, (prompt_len,)).tolist()
+    jobs["decode"] = lambda: decoder.run([prompt])
     out: dict[str, Any] = {}
     for name, job in jobs.items():
         job()  # warm-up (and compilation) outside the trace
@@ -309,10 +302,8 @@ def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
         loaded = load_run(cfg.run, "best", device)
         model = loaded.model
         data_path = data_path or loaded.config["data"]["folder"]
-        source = f"{loaded.folder} ({loaded.path})"
+        source = f"{loaded.folder} ({loaded.matmul})"
     else:
-        if cfg.preset not in ("tiny", "small", "medium", "gpt2"):
-            model_config(cfg.preset, 8192, {})  # raises the clear error
         vocab = overrides.pop("vocab_size", None) or 8192
         model = GPT(model_config(cfg.preset, vocab, overrides)).to(device)
         source = f"random weights, preset {cfg.preset}"
@@ -343,8 +334,8 @@ def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
         inference_model.load_state_dict(model.state_dict())
     inference_model.eval()
     with console.status("timing generation..."):
-        paths = ["plain", "cache"] + (["graph"] + (["compiled"] if cfg.compile else []) if device.type == "cuda" else [])
-        result["inference"] = {p: bench_inference(inference_model, cfg, device, p) if p in paths else None for p in PATHS}
+        modes = ["plain", "cache"] + (["graph"] + (["compiled"] if cfg.compile else []) if device.type == "cuda" else [])
+        result["inference"] = {m: bench_inference(inference_model, cfg, m) if m in modes else None for m in DECODE_MODES}
     result["profile"] = None
     if cfg.profile:
         with console.status("profiling..."):
@@ -362,7 +353,7 @@ def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_table(r: dict[str, Any]) -> Group:
-    """Three small tables (training, generation, data), with a column only for the paths that ran."""
+    """Three small tables (training, generation, data), with a column only for the modes that ran."""
     fmt = lambda v, f="{:,.0f}": "-" if v is None else f.format(v)  # noqa: E731
 
     def table(title: str, columns: dict[str, dict[str, Any]], rows: list[tuple[str, str, str]]) -> Table:
@@ -385,9 +376,9 @@ def bench_table(r: dict[str, Any]) -> Group:
         parts.append(table("training", train, [
             ("ms / step", "ms_per_step", "{:.1f}"), ("tokens / s", "tokens_per_s", "{:,.0f}"),
             ("MFU", "mfu", "{:.1%}"), ("peak memory GiB", "peak_memory_gib", "{:.2f}")]))
-    paths = {k: v for k, v in r["inference"].items() if v}
-    prompt = next(iter(paths.values()))["prompt_tokens"]
-    parts.append(table("generation (greedy)", paths, [
+    modes = {k: v for k, v in r["inference"].items() if v}
+    prompt = next(iter(modes.values()))["prompt_tokens"]
+    parts.append(table("generation (greedy)", modes, [
         (f"prefill tokens/s ({prompt} prompt)", "prefill_tokens_per_s", "{:,.0f}"),
         ("decode tokens/s, batch 1", "decode_batch1_tokens_per_s", "{:,.0f}"),
         ("ms/token p50, batch 1 streamed", "ms_per_token_p50", "{:.3f}"),
@@ -396,7 +387,7 @@ def bench_table(r: dict[str, Any]) -> Group:
         ("decode tokens/s, batch 32", "decode_batch32_tokens_per_s", "{:,.0f}"),
         ("setup s (capture, compile)", "setup_s", "{:.2f}"),
         ("peak memory GiB", "peak_memory_gib", "{:.2f}")]))
-    parts.append("paths: " + "; ".join(f"{k} = {PATHS[k]}" for k in paths))
+    parts.append("modes: " + "; ".join(f"{k} = {DECODE_MODES[k]}" for k in modes))
     if r["data"]:
         parts.append(table("data", {"value": r["data"]}, [
             ("batches / s", "batches_per_s", "{:,.0f}"), ("tokens / s", "tokens_per_s", "{:,.0f}"),

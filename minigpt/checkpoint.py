@@ -1,9 +1,12 @@
-"""Checkpoints: a folder per checkpoint (`last`, `best`) inside a run folder, written atomically.
+"""Checkpoints and runs: a folder per checkpoint (`last`, `best`) inside a run folder, written atomically,
+verified and loaded (quantized runs included).
 
 Layout of `runs/<name>/<tag>/`: model.safetensors, config.json, tokenizer.json, and for `last` also
-optimizer.pt and trainer_state.json; manifest.json (size and sha256 of each file) is written last.
-A checkpoint is built in `.<tag>.tmp/`, then swapped in with two renames; if a crash falls between
-them, `.<tag>.old/` still holds the previous one and loading falls back to it.
+optimizer.pt and trainer_state.json; manifest.json (size and sha256 of every other file) is written
+last. A checkpoint is built in `.<tag>.tmp/`, then swapped in with two renames (`<tag>` -> `.<tag>.old`,
+`.<tag>.tmp` -> `<tag>`). A crash between them leaves `.<tag>.old` as the only complete copy: loading
+falls back to it, and the next save keeps it until the new `<tag>` is in place. So at every moment
+`<tag>` or `.<tag>.old` holds a complete, verified checkpoint.
 """
 
 from __future__ import annotations
@@ -12,19 +15,23 @@ import contextlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
-from .common import UserError, atomic_open, fsync_dir, read_json, sha256_file, write_json
-from .config import ModelConfig
-from .model import GPT
-from .quantize import SCHEMES, to_int8_model
+from .config import CHECKPOINTS, ModelConfig
+from .data import load_tokenizer
+from .model import GPT, int8_matmul, set_inference_dtype, to_int8
+from .utils import UserError, atomic_open, err_console, fsync_dir, read_json, sha256_file, write_json
 
 FORMAT_VERSION = 1
+REQUIRED = {"model.safetensors", "config.json", "tokenizer.json"}  # in every checkpoint folder
+SCHEMES = {"int8": torch.int8, "bf16": torch.bfloat16, "fp16": torch.float16}  # quantized runs
 
 
 def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
@@ -33,6 +40,10 @@ def model_tensors(model: GPT) -> dict[str, torch.Tensor]:
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight")
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.replace(src, dst)
 
 
 def save_checkpoint(
@@ -69,16 +80,18 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
+    if final.exists():  # the current copy becomes the fallback...
+        shutil.rmtree(old, ignore_errors=True)
+        _rename(final, old)
+    # ...but with no current copy (a crash fell between these two renames last time) `old` is the only
+    # complete checkpoint: it stays until the new one is in place.
+    _rename(tmp, final)
     fsync_dir(run_dir)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def verify(folder: Path, full: bool = True) -> str | None:
+def verify(folder: Path) -> str | None:
     """None if the checkpoint folder is complete and its files match the manifest, else why not."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -88,9 +101,20 @@ def verify(folder: Path, full: bool = True) -> str | None:
         path = folder / name
         if not path.exists() or path.stat().st_size != info["bytes"]:
             return f"{name} is missing or truncated"
-        if full and sha256_file(path) != info["sha256"]:
+        if sha256_file(path) != info["sha256"]:
             return f"{name} does not match its checksum"
+    # A manifest is written last and lists every file: one that misses a file was written too early.
+    unlisted = sorted(p.name for p in folder.iterdir()
+                      if p.name not in manifest and p.name != "manifest.json" and not p.name.startswith("."))
+    missing = sorted(REQUIRED - manifest.keys())
+    if unlisted or missing:
+        return f"the manifest does not list {', '.join(unlisted + missing)}"
     return None
+
+
+def has_checkpoint(run_dir: Path, tag: str) -> bool:
+    """Whether the run has checkpoint `tag` at all (intact or not), counting a crash's fallback copy."""
+    return (run_dir / tag).is_dir() or (run_dir / f".{tag}.old").is_dir()
 
 
 def find_checkpoint(run_dir: Path, tag: str) -> Path:
@@ -123,10 +147,10 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[GPT, d
     if emb is None or emb.shape[0] != cfg.vocab_size:
         raise UserError(f"{folder}: the weights do not match the vocab size {cfg.vocab_size} in config.json.")
     model = GPT(cfg)
-    scheme = (config.get("quantization") or {}).get("scheme")
+    scheme = quantization(config)
     if scheme == "int8":
         try:
-            to_int8_model(model, tensors)
+            to_int8(model, tensors)
         except KeyError:
             raise UserError(f"{folder}: the int8 weights do not fit the model in config.json; the checkpoint is damaged.") from None
         return model.to(device), config
@@ -138,10 +162,16 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[GPT, d
     return model.to(device), config
 
 
+def quantization(config: dict[str, Any]) -> str:
+    """The run's quantization scheme (int8, bf16, fp16) or 'none'."""
+    q = config.get("quantization")
+    return q["scheme"] if q else "none"
+
+
 def latest_run(runs_dir: Path) -> Path:
     runs = []
     if runs_dir.is_dir():
-        runs = [p for p in runs_dir.iterdir() if (p / "last").is_dir() or (p / "best").is_dir()]
+        runs = [p for p in runs_dir.iterdir() if has_checkpoint(p, "last") or has_checkpoint(p, "best")]
     if not runs:
         raise UserError(f"no runs in {runs_dir}/; train one with 03_train.py (or pass --run).")
     return max(runs, key=lambda p: p.stat().st_mtime)
@@ -151,3 +181,56 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
     with contextlib.suppress(FileNotFoundError):
         return read_json(folder / "trainer_state.json", "trainer state")
     raise UserError(f"{folder} has no trainer_state.json; only a 'last' checkpoint can be resumed.")
+
+
+# --------------------------------------------------------------------------------------------------
+# a run, ready for inference
+
+
+@dataclass
+class Loaded:
+    model: GPT
+    tokenizer: Tokenizer
+    config: dict[str, Any]
+    folder: Path
+    matmul: str = "fp32"  # how the matmuls run: fp32, bf16, fp16, or the int8 kind in use
+
+    @property
+    def eot(self) -> int:
+        return self.config["data"]["eot_id"]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def load_run(run: str | Path, which: str = "best", device: torch.device | str = "cpu", runs_dir: str = "runs") -> Loaded:
+    """A run's checkpoint `which`, ready for inference on `device` (bf16 on GPUs that have it).
+
+    `best` falls back to `last` only when the run has no `best` at all (say, stopped before its first
+    evaluation), and says so; a damaged checkpoint is an error, never silently replaced by another.
+    """
+    run_dir = Path(run) if run else latest_run(Path(runs_dir))
+    if which not in CHECKPOINTS:
+        raise UserError(f"--checkpoint must be best or last, got {which!r}.")
+    if which == "best" and run_dir.is_dir() and not has_checkpoint(run_dir, "best") and has_checkpoint(run_dir, "last"):
+        err_console.print(f"[yellow]{run_dir} has no 'best' checkpoint (no evaluation yet); using 'last'[/]")
+        which = "last"
+    folder = find_checkpoint(run_dir, which)
+    model, config = load_model(folder, device)
+    tokenizer = load_tokenizer(folder / "tokenizer.json")
+    if tokenizer.get_vocab_size() != model.cfg.vocab_size:
+        raise UserError(
+            f"{folder}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model expects "
+            f"{model.cfg.vocab_size}; the checkpoint does not belong to this tokenizer."
+        )
+    model.eval()
+    scheme = quantization(config)
+    device = torch.device(device)
+    bf16 = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    matmul = set_inference_dtype(model, bf16 if scheme != "fp16" else None)  # an fp16 run stays fp16
+    if scheme == "int8":
+        matmul = f"{int8_matmul(model, device)}, {matmul} activations"
+    return Loaded(model, tokenizer, config, folder, matmul)

@@ -1,23 +1,20 @@
 """Every setting, declared once: a dataclass per concern, with its default, type and one line of help.
 
-Scripts and the `minigpt` CLI build their options from these classes with `cli_command`, and the
-resolved values are printed at start and written beside the artifacts as JSON.
+Dataclasses and data only (no CLI glue: `minigpt/cli.py` builds the options from these classes). An
+option that several commands share (device, seed, run, checkpoint, runs dir, eval tokens) is declared
+once below as a field maker; a group of options that travels together (`Sampling`) is its own class.
+Presets and recipes are data. The resolved values are printed at start and written beside the
+artifacts as JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import math
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import typer
-
-from .common import UserError, err_console
+from .utils import UserError
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, **meta: Any) -> Any:
@@ -25,6 +22,38 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = No
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata={"help": help, **meta})
     return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+# --------------------------------------------------------------------------------------------------
+# options several commands share, declared once
+
+
+def device_opt() -> Any:
+    return opt("auto", help="auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu.")
+
+
+def seed_opt() -> Any:
+    return opt(1337, help="Random seed (weights, batches and dropout when training; the draws when sampling).")
+
+
+def run_opt() -> Any:
+    return opt("", help="Run folder (default: the most recent run under --runs-dir).")
+
+
+def checkpoint_opt() -> Any:
+    return opt("best", help="best or last (best falls back to last only when the run has no best).")
+
+
+def runs_dir_opt() -> Any:
+    return opt("runs", help="Folder that holds the runs.")
+
+
+def eval_tokens_opt() -> Any:
+    return opt(262_144, help="Val tokens scored per evaluation, in windows spread over the whole split "
+                             "(the whole split if it is smaller).")
+
+
+CHECKPOINTS = ("best", "last")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,11 +111,11 @@ class TokenizerConfig:
     )
     max_tag_values: int = opt(256, help="Most distinct values per tag field that get their own special token.")
     shard_tokens: int = opt(100_000_000, help="Tokens per shard file (bounded files for large corpora).")
-    check_docs: int = opt(10_000, help="Val documents checked for an exact decode(encode(doc)) round trip.")
+    check_docs: int = opt(10_000, help="Val documents whose shard tokens must decode back to exactly the document.")
 
     def __post_init__(self) -> None:
-        if not self.char and not 256 + 2 < self.vocab_size:
-            raise UserError(f"--vocab-size must exceed 258 (256 bytes + 2 special tokens), got {self.vocab_size}.")
+        if not self.char and not 256 + 1 < self.vocab_size:
+            raise UserError(f"--vocab-size must exceed 257 (256 bytes + <|endoftext|>), got {self.vocab_size}.")
         if self.shard_tokens < 1024:
             raise UserError("--shard-tokens must be at least 1024.")
 
@@ -113,6 +142,8 @@ class ModelConfig:
             raise UserError(f"n_embd {self.n_embd} must split into {self.n_head} heads of even size.")
         if self.mlp not in ("swiglu", "gelu"):
             raise UserError(f"mlp must be swiglu or gelu, got {self.mlp!r}.")
+        if self.block_size < 2:
+            raise UserError(f"block_size must be at least 2, got {self.block_size}.")
 
     @property
     def mlp_hidden(self) -> int:
@@ -128,6 +159,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "medium": dict(n_layer=6, n_head=8, n_embd=512, block_size=256),  # ~23M: the Tatar reference model
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # 124M with GPT-2's 50257 vocab
 }
+PRESET_NAMES = ", ".join(PRESETS)
+
+
+def check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {PRESET_NAMES}.")
+
+
+def model_config(preset: str, vocab_size: int, overrides: dict[str, Any]) -> ModelConfig:
+    check_preset(preset)
+    return ModelConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None},
+                          "vocab_size": vocab_size})
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -138,13 +181,6 @@ def check_compile_mode(mode: str) -> None:
         raise UserError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}.")
 
 
-def model_config(preset: str, vocab_size: int, overrides: dict[str, Any]) -> ModelConfig:
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-    return ModelConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None},
-                          "vocab_size": vocab_size})
-
-
 # --------------------------------------------------------------------------------------------------
 # 03_train.py
 
@@ -153,16 +189,18 @@ def model_config(preset: str, vocab_size: int, overrides: dict[str, Any]) -> Mod
 class TrainConfig:
     data: str = opt("data/stdlib", help="Token shards: a folder with meta.json, or a dataset folder holding one.")
     name: str = opt("", help="Run name: checkpoints go to <runs-dir>/<name>/ (default: dataset + preset).")
-    runs_dir: str = opt("runs", help="Folder that holds the runs.")
-    preset: str = opt("tiny", help="Model shape: tiny, small, medium or gpt2 (model options override it).")
+    runs_dir: str = runs_dir_opt()
+    recipe: str = opt("", help="Settings sized for a machine: cpu (about 8 minutes on 2 cores) or gpu; the "
+                               "options given on the command line win over the recipe's.")
+    preset: str = opt("tiny", help=f"Model shape: {PRESET_NAMES} (model options override it).")
     resume: bool = opt(False, help="Continue the run from its last checkpoint.")
-    device: str = opt("auto", help="auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu.")
+    device: str = device_opt()
     dtype: str = opt("auto", help="auto (bf16 where supported, else fp16 with a scaler on CUDA, fp32 on CPU), bf16, fp16, fp32.")
     compile: bool = opt(True, help="torch.compile the model (CUDA only; ignored elsewhere).")
     compile_mode: str = opt(
         "default", help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs."
     )
-    seed: int = opt(1337, help="Seed for weights, batches and dropout.")
+    seed: int = seed_opt()
     batch_size: int = opt(32, help="Sequences per micro-batch (per process).")
     total_batch_tokens: int = opt(0, help="Tokens per optimizer step across processes and accumulation (0: one micro-batch per process).")
     max_steps: int = opt(2000, help="Optimizer steps.")
@@ -171,7 +209,7 @@ class TrainConfig:
     )
     lr: float = opt(1e-3, help="Peak learning rate.")
     min_lr_ratio: float = opt(0.1, help="Final learning rate as a share of the peak (cosine decay).")
-    warmup_steps: int = opt(100, help="Linear warmup steps.")
+    warmup_steps: int = opt(100, help="Linear warmup steps (step 0 already gets lr / warmup-steps).")
     weight_decay: float = opt(0.1, help="AdamW weight decay, on matrices only.")
     beta1: float = opt(0.9, help="AdamW beta1.")
     beta2: float = opt(0.95, help="AdamW beta2.")
@@ -179,7 +217,7 @@ class TrainConfig:
     grad_checkpoint: bool = opt(False, help="Recompute activations in the backward pass to save memory.")
     log_every: int = opt(10, help="Steps between log lines.")
     eval_every: int = opt(200, help="Steps between evaluations on val (loss and bits per byte).")
-    eval_tokens: int = opt(262_144, help="Val tokens per evaluation (at most; the whole split if smaller).")
+    eval_tokens: int = eval_tokens_opt()
     sample_every: int = opt(0, help="Steps between printed samples (0: at each evaluation).")
     save_every: int = opt(0, help="Steps between checkpoints (0: at each evaluation).")
     patience: int = opt(0, help="Stop after this many evaluations without a better val loss (0: never).")
@@ -189,51 +227,95 @@ class TrainConfig:
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}.")
         check_compile_mode(self.compile_mode)
-        for name in ("batch_size", "max_steps", "log_every", "eval_every"):
+        check_preset(self.preset)
+        if self.recipe and self.recipe not in RECIPES:
+            raise UserError(f"unknown --recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}.")
+        for name in ("batch_size", "max_steps", "log_every", "eval_every", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
+        if self.warmup_steps < 0 or self.max_minutes < 0 or self.lr < 0:
+            raise UserError("--warmup-steps, --max-minutes and --lr must not be negative.")
+
+
+# What `bash run_pipeline.sh` trains, by machine: 03_train.py --recipe NAME fills in every option the
+# command line leaves out from here.
+RECIPES: dict[str, dict[str, Any]] = {
+    # about 8 minutes on a 2-core CPU, training capped at 6.5
+    "cpu": dict(preset="tiny", batch_size=16, lr=2e-3, warmup_steps=50, max_steps=900, eval_every=300, max_minutes=6.5),
+    "gpu": dict(preset="medium", batch_size=64, lr=1e-3, warmup_steps=200, max_steps=3000, eval_every=500),
+}
+
+
+RECIPE_OPTIONS = sorted({k for recipe in RECIPES.values() for k in recipe})
+
+
+def with_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """A TrainConfig's options where those the command line left out (None) come from the recipe named in
+    values["recipe"], else from the defaults."""
+    recipe = values.get("recipe") or ""
+    if recipe and recipe not in RECIPES:
+        raise UserError(f"unknown --recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    chosen = RECIPES.get(recipe, {})
+    return {k: chosen.get(k, defaults[k]) if v is None and k in RECIPE_OPTIONS else v for k, v in values.items()}
 
 
 # --------------------------------------------------------------------------------------------------
-# minigpt generate
+# generation
+
+
+@dataclass
+class Sampling:
+    """How the next token is drawn from the logits (for `minigpt generate`, samples and the server)."""
+
+    temperature: float = opt(0.8, help="Sampling temperature (0: greedy).")
+    top_k: int = opt(0, help="Keep only the k most likely tokens (0: off).")
+    top_p: float = opt(1.0, help="Keep the smallest set of tokens whose probability reaches p (1: off).")
+    repetition_penalty: float = opt(1.0, help="Divide the logits of tokens already present by this (1: off).")
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise UserError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --repetition-penalty > 0.")
 
 
 @dataclass
 class GenerateConfig:
     prompt: list[str] = opt(factory=list, help="Prompt text; repeat the option for several prompts (generated in one batch).")
-    run: str = opt("", help="Run folder (default: the most recent under runs/).")
-    checkpoint: str = opt("best", help="best or last.")
+    run: str = run_opt()
+    checkpoint: str = checkpoint_opt()
+    runs_dir: str = runs_dir_opt()
     max_new_tokens: int = opt(200, help="Tokens to generate per sample.")
-    temperature: float = opt(0.8, help="Sampling temperature (0: greedy).")
-    top_k: int = opt(0, help="Keep only the k most likely tokens (0: off).")
-    top_p: float = opt(1.0, help="Keep the smallest set of tokens whose probability reaches p (1: off).")
-    repetition_penalty: float = opt(1.0, help="Divide the logits of tokens already present by this (1: off).")
     num_samples: int = opt(1, help="Samples per prompt.")
-    seed: int = opt(1337, help="Random seed.")
-    device: str = opt("auto", help="auto (cuda > mps > cpu), cuda, mps or cpu.")
+    seed: int = seed_opt()
+    device: str = device_opt()
     stream: bool = opt(True, help="Print tokens as they come (one prompt, one sample).")
-    cuda_graph: bool = opt(True, help="On CUDA, replay each decode step from a CUDA graph (the fast path).")
+    cuda_graph: bool = opt(True, help="On CUDA, replay each decode step from a CUDA graph (the fast mode).")
     compile: bool = opt(False, help="torch.compile the decode step first: faster per token, slower to start.")
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
-            raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --repetition-penalty > 0.")
         if self.max_new_tokens < 1 or self.num_samples < 1:
             raise UserError("--max-new-tokens and --num-samples must be at least 1.")
 
 
 @dataclass
 class QuickTestConfig:
-    run: str = opt("", help="Run folder (default: the most recent under runs/).")
-    checkpoint: str = opt("best", help="best or last.")
+    run: str = run_opt()
+    checkpoint: str = checkpoint_opt()
+    runs_dir: str = runs_dir_opt()
     data: str = opt("", help="Token shards to evaluate on (default: the ones the run was trained on).")
     prompt: list[str] = opt(factory=list, help="Prompts (default: the start of a few val documents).")
     temperature: list[float] = opt(factory=lambda: [0.5, 0.8, 1.0], help="Sampling temperatures to show.")
     max_new_tokens: int = opt(80, help="Tokens per sample.")
     sentences: int = opt(6, help="Val sentences scored for perplexity.")
-    eval_tokens: int = opt(262_144, help="Val tokens for bits per byte and the unigram baseline.")
-    device: str = opt("auto", help="auto (cuda > mps > cpu), cuda, mps or cpu.")
-    seed: int = opt(1337, help="Random seed.")
+    eval_tokens: int = eval_tokens_opt()
+    device: str = device_opt()
+    seed: int = seed_opt()
+
+    def __post_init__(self) -> None:
+        for t in self.temperature:
+            Sampling(temperature=t)
+        if self.eval_tokens < 1 or self.max_new_tokens < 1:
+            raise UserError("--eval-tokens and --max-new-tokens must be at least 1.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,8 +324,8 @@ class QuickTestConfig:
 
 @dataclass
 class BenchConfig:
-    device: str = opt("auto", help="auto (cuda > mps > cpu), cuda, mps or cpu.")
-    preset: str = opt("tiny", help="Model shape for random weights (model options override it).")
+    device: str = device_opt()
+    preset: str = opt("tiny", help=f"Model shape for random weights: {PRESET_NAMES} (model options override it).")
     run: str = opt("", help="Benchmark a trained run instead of random weights.")
     data: str = opt("", help="Token shards for the data figures (default: the run's, else data/stdlib if present).")
     dtype: str = opt("auto", help="auto (bf16 on GPUs that have it, fp32 on CPU), bf16, fp16 or fp32.")
@@ -256,10 +338,11 @@ class BenchConfig:
     json: str = opt("", help="Also write the JSON result to this file.")
     profile: str = opt("", help="Folder for torch.profiler traces (Chrome/Perfetto JSON) and top-operator tables "
                                "of training steps and of decoding (default: no profiling).")
-    seed: int = opt(1337, help="Random seed.")
+    seed: int = seed_opt()
 
     def __post_init__(self) -> None:
         check_compile_mode(self.compile_mode)
+        check_preset(self.preset)
         if self.steps < 1 or self.new_tokens < 2 or self.prompt_tokens < 1 or self.batch_size < 1:
             raise UserError("--steps, --batch-size and --prompt-tokens must be at least 1, --new-tokens at least 2.")
 
@@ -270,82 +353,20 @@ class BenchConfig:
 
 @dataclass
 class QuantizeConfig:
-    run: str = opt("", help="The run to quantize (default: the most recent under runs/).")
+    run: str = run_opt()
+    runs_dir: str = runs_dir_opt()
     to: str = opt("int8", help="int8 (weight-only, per output channel), bf16 or fp16.")
     out: str = opt("", help="Output run folder (default: <run>-<to>).")
-    checkpoint: str = opt("best", help="best or last.")
-    device: str = opt("auto", help="Device for the before/after figures: auto, cuda, mps or cpu.")
-    eval_tokens: int = opt(262_144, help="Val tokens for the before/after loss and bits per byte.")
+    checkpoint: str = checkpoint_opt()
+    device: str = device_opt()
+    eval_tokens: int = eval_tokens_opt()
     new_tokens: int = opt(64, help="Tokens decoded for the before/after speed.")
 
     def __post_init__(self) -> None:
         if self.to not in ("int8", "bf16", "fp16"):
             raise UserError(f"unknown --to {self.to!r}; choose int8, bf16 or fp16.")
-
-
-# --------------------------------------------------------------------------------------------------
-# dataclasses -> Typer options
-
-
-def cli_command(
-    *classes: type, overrides: type | None = None, skip: tuple[str, ...] = ()
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Turn `fn(cfg_a, cfg_b, ...)` into a Typer command whose options are the classes' fields.
-
-    With `overrides`, that class's fields also become options, defaulting to None (the preset
-    decides), and `fn` gets a dict of them as its last argument. A `UserError` raised inside (from a
-    config check or the work itself) becomes one line on stderr and exit code 2.
-    """
-
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        params: dict[str, inspect.Parameter] = {}
-        override_names: list[str] = []
-        for cls, is_override in [(c, False) for c in classes] + ([(overrides, True)] if overrides else []):
-            hints = typing.get_type_hints(cls)
-            for f in dataclasses.fields(cls):
-                if f.name in params or f.name in skip:
-                    continue  # shared fields (device, seed...) appear once and feed every class
-                flag, help_text, annotation = "--" + f.name.replace("_", "-"), f.metadata["help"], hints[f.name]
-                if is_override:  # None: the preset decides
-                    override_names.append(f.name)
-                    names = [f"{flag}/--no-{flag[2:]}"] if annotation is bool else [flag]
-                    info = typer.Option(None, *names, help=f"{help_text} [preset]", show_default=False)
-                    annotation = typing.Optional[annotation]  # noqa: UP045
-                elif f.metadata.get("argument"):
-                    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-                    info = typer.Argument(default, help=help_text, show_default=False)
-                else:
-                    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-                    info = typer.Option(default, flag, *f.metadata.get("aliases", ()), help=help_text)
-                params[f.name] = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
-
-        @functools.wraps(fn, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=())
-        def command(**kwargs: Any) -> Any:
-            try:
-                cfgs = [
-                    cls(**{f.name: kwargs[f.name] for f in dataclasses.fields(cls) if f.name in kwargs})
-                    for cls in classes
-                ]
-                if overrides is not None:
-                    cfgs.append({n: kwargs[n] for n in override_names if kwargs[n] is not None})
-                return fn(*cfgs)
-            except UserError as e:
-                err_console.print(f"[bold red]error:[/] {e}")
-                raise typer.Exit(2) from None
-
-        command.__signature__ = inspect.Signature(list(params.values()))  # type: ignore[attr-defined]
-        # Typer resolves annotations itself; give it real types, not strings from this module
-        command.__annotations__ = {name: p.annotation for name, p in params.items()}
-        return command
-
-    return decorate
-
-
-def script_app(fn: Callable[..., Any]) -> typer.Typer:
-    """A one-command Typer app for a numbered script."""
-    app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, rich_markup_mode="rich")
-    app.command(help=fn.__doc__)(fn)
-    return app
+        if self.eval_tokens < 1 or self.new_tokens < 2:
+            raise UserError("--eval-tokens must be at least 1 and --new-tokens at least 2.")
 
 
 def as_dict(*cfgs: Any) -> dict[str, Any]:

@@ -29,18 +29,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from .common import UserError, atomic_open, console, human_bytes, sha256_file, write_json
 from .config import PrepareConfig
+from .utils import UserError, atomic_open, console, human_bytes, progress, sha256_file, write_json
 
 DOC_SEP = "\x1e"  # ASCII record separator, alone on a line, ends each document in train.txt / val.txt
 BLOCK = 4 << 20  # bytes read at a time from big files
@@ -509,14 +502,14 @@ def process(cfg: PrepareConfig, sources: list[Source], sinks: dict[str, IO[str]]
     seen = SeenHashes()
     total = sum(p.stat().st_size for s in sources for p in s.files)
     columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("preparing", total=total)
+    with progress(*columns, unit="bytes") as bars:
+        task = bars.add_task("preparing", total=total)
 
         def advance(n: int) -> None:
-            progress.advance(task, n)
+            bars.advance(task, n)
 
         for src in sources:
-            progress.update(task, description=f"preparing {src.label}")
+            bars.update(task, description=f"preparing {src.label}")
             single = src.kind == "leipzig" or src.unit == "line"
             per_src = stats.sources[src.label]
             for path in src.files:
@@ -663,14 +656,14 @@ def download(url: str, raw_dir: Path, retries: int = 5, timeout: float = 30.0) -
                     have = 0
                 length = resp.headers.get("Content-Length")
                 total = have + int(length) if length is not None else None
-                with open(part, "ab" if have else "wb") as f, Progress(
-                    TextColumn(f"downloading {base}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=console, transient=True,
-                ) as progress:
-                    task = progress.add_task("dl", total=total, completed=have)
+                with open(part, "ab" if have else "wb") as f, progress(
+                    TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), unit="bytes",
+                ) as bars:
+                    task = bars.add_task(f"downloading {base}", total=total, completed=have)
                     while chunk := resp.read(1 << 16):
                         f.write(chunk)
-                        progress.advance(task, len(chunk))
+                        bars.advance(task, len(chunk))
             if total is not None and part.stat().st_size < total:
                 last_error = f"connection closed at {part.stat().st_size} of {total} bytes"
                 continue

@@ -1,9 +1,13 @@
-"""Token shards for training: memmap reading, random training windows, fixed evaluation windows.
+"""Token data: tokenizer files, shards read as memmaps, random training windows, fixed evaluation windows.
 
 Every optimizer step draws one *global* batch of window offsets from a seeded generator that all
 processes share; each process reads only its own rows. So one process with k accumulation steps
 and k processes with one step each see exactly the same sequences, and the generator's state in
 `trainer_state.json` makes a resumed run draw what the uninterrupted run would have drawn.
+
+Bits per byte needs the bytes of the text behind the tokens that were scored: `token_byte_lengths`
+gives each token id's bytes of source text, exact for both tokenizers (a byte-level BPE token is one
+byte per symbol, a character its UTF-8 length, a byte-fallback token one byte, a special token none).
 """
 
 from __future__ import annotations
@@ -13,9 +17,70 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer, decoders
 
-from .common import UserError, read_json
-from .tokenizer import FORMAT_VERSION, find_tokenized
+from .utils import UserError, console, read_json
+
+EOT = "<|endoftext|>"
+FORMAT_VERSION = 1  # of meta.json and the shards
+
+
+def tag_token(field: str, value: str) -> str:
+    return f"<|{field}={value}|>"
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenizer files
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer.json, set to encode the way the shards were encoded: text that looks like a special
+    token (`<|endoftext|>` typed in a document) is ordinary text."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"tokenizer {path} does not exist; run 02_train_tokenizer.py first.")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON
+        raise UserError(f"tokenizer {path} cannot be read ({e}); run 02_train_tokenizer.py again.") from None
+    tok.encode_special_tokens = True
+    return tok
+
+
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """Bytes of source text behind each token id (int64, vocab-sized)."""
+    special = {t.content for t in tok.get_added_tokens_decoder().values()}
+    byte_level = isinstance(tok.decoder, decoders.ByteLevel)
+    lengths = np.zeros(tok.get_vocab_size(), dtype=np.int64)
+    for token, i in tok.get_vocab().items():
+        if token in special:
+            continue  # <|endoftext|> and tags: structure, not text
+        if byte_level:  # every symbol of a byte-level token stands for one byte
+            lengths[i] = len(token)
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # byte fallback
+            lengths[i] = 1
+        else:
+            lengths[i] = len(token.encode("utf-8"))
+    return lengths
+
+
+def find_tokenized(path: str | Path) -> Path:
+    """A tokenized folder (holding meta.json), or a dataset folder with one such folder inside."""
+    path = Path(path)
+    if (path / "meta.json").exists():
+        return path
+    if not path.exists():
+        raise UserError(f"{path} does not exist; run 02_train_tokenizer.py or check --data.")
+    candidates = sorted((p for p in path.iterdir() if (p / "meta.json").exists()), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UserError(f"{path} holds no token shards (meta.json); run 02_train_tokenizer.py --data {path}.")
+    if len(candidates) > 1:
+        console.print(f"[dim]{path} has several tokenizations; using the newest, {candidates[-1].name}[/]")
+    return candidates[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# shards
 
 
 class Shards:
@@ -42,15 +107,17 @@ class TokenData:
         self.train = Shards(self.folder, "train", self.meta)
         self.val = Shards(self.folder, "val", self.meta)
         self.vocab_size: int = self.meta["vocab_size"]
-        self.bytes_per_token: float = self.meta["bytes_per_token"]["val"]
+        self.tokenizer_json = self.folder / "tokenizer.json"
+        self.token_bytes = token_byte_lengths(load_tokenizer(self.tokenizer_json))
 
     def check_context(self, block_size: int) -> None:
-        if self.train.lengths.max(initial=0) <= block_size + 1:
+        """Both splits need a shard that holds one window: a context plus the token after it."""
+        if self.train.lengths.max(initial=0) < block_size + 1:
             raise UserError(
                 f"the train split ({self.train.tokens} tokens) is shorter than one context of {block_size} "
                 "tokens; add text or choose a smaller --block-size."
             )
-        if self.val.tokens <= block_size + 1:
+        if self.val.lengths.max(initial=0) < block_size + 1:
             raise UserError(
                 f"the val split has {self.val.tokens} tokens, less than one context of {block_size}; "
                 "raise --val-fraction in 01_prepare_data.py or choose a smaller --block-size."
@@ -58,20 +125,19 @@ class TokenData:
 
 
 class BatchSampler:
-    """Random windows of `block_size + 1` tokens from the train shards; resumable."""
+    """Random windows of `block_size + 1` tokens from the train shards, each inside one shard; resumable."""
 
     def __init__(self, shards: Shards, block_size: int, seed: int) -> None:
         self.shards, self.T = shards, block_size
         self.rng = np.random.Generator(np.random.PCG64(seed))
-        # a shard is chosen in proportion to the windows it holds
-        windows = np.maximum(shards.lengths - block_size - 1, 0).astype(np.float64)
-        self.p = windows / windows.sum()
+        # a shard of n tokens holds n - T windows (offsets 0 .. n - T - 1); shards are drawn in proportion
+        self.counts = np.maximum(shards.lengths - block_size, 0)
+        self.p = self.counts / self.counts.sum()
 
     def global_batch(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard index, offset) for `rows` windows: the same on every process."""
         shard = self.rng.choice(len(self.p), size=rows, p=self.p) if len(self.p) > 1 else np.zeros(rows, np.int64)
-        high = self.shards.lengths[shard] - self.T - 1
-        return shard, (self.rng.random(rows) * high).astype(np.int64)
+        return shard, (self.rng.random(rows) * self.counts[shard]).astype(np.int64)
 
     def read(self, shard: np.ndarray, offset: np.ndarray) -> torch.Tensor:
         """The windows as one int64 tensor of shape (rows, block_size + 1)."""
@@ -88,11 +154,13 @@ class BatchSampler:
 
 
 def eval_windows(shards: Shards, block_size: int, max_tokens: int) -> list[tuple[int, int]]:
-    """Fixed, non-overlapping (shard, offset) windows covering up to `max_tokens` of val, in order."""
-    windows = []
-    for s, n in enumerate(shards.lengths):
-        for offset in range(0, int(n) - block_size - 1 + 1, block_size):
-            if len(windows) * block_size >= max_tokens:
-                return windows
-            windows.append((s, offset))
-    return windows
+    """Fixed, non-overlapping (shard, offset) windows of `block_size + 1` tokens scoring up to `max_tokens`
+    of val: all of them when the split is that small, else that many spread evenly over the whole split
+    (the start of a split is not a fair sample of it)."""
+    per_shard = -(-np.maximum(shards.lengths - block_size, 0) // block_size)  # offsets 0, T, 2T ... < n - T
+    total, want = int(per_shard.sum()), -(-max_tokens // block_size)
+    picks = np.arange(total) if total <= want else ((np.arange(want) + 0.5) * total / want).astype(np.int64)
+    ends = np.cumsum(per_shard)
+    shard = np.searchsorted(ends, picks, side="right")
+    offset = (picks - (ends[shard] - per_shard[shard])) * block_size
+    return list(zip(shard.tolist(), offset.tolist(), strict=True))

@@ -1,48 +1,51 @@
 """Text generation: sampling rules, the fast path, and the plain reference path it is tested against.
 
-Both paths take a batch of rows that share one prompt (several samples at once) and return the new
-token ids of each row, stopping a row at <|endoftext|>; `generate_many` batches several prompts on the
-fast path, left-padded to one length. Randomness comes from a private generator, so sampling during
-training never disturbs the training RNG; both paths draw the same random numbers in the same order,
-so with one seed they sample the same tokens.
+Both paths return the new token ids of each row, stopping a row at <|endoftext|>. `generate` runs rows
+that share one prompt (several samples at once); `generate_many` runs several prompts in one batch.
+Randomness comes from a private generator, so sampling during training never disturbs the training
+RNG; both paths draw the same random numbers in the same order, so with one seed they sample the same
+tokens.
 
-The fast path (`Decoder`) keeps everything in preallocated tensors: the KV cache, the current token,
-its position, the sampled tokens, the done flags. One decode step (model, sampling, bookkeeping) then
-has fixed shapes and never waits for the host, so on CUDA it is captured once in a CUDA graph (after
-`torch.compile` when asked) and each token costs one graph replay, plus one launch for the random
-numbers when sampling. The host reads results back only to stream a token or, every few tokens, to
-see whether every row has ended.
+The fast path (`Decoder`) keeps everything in preallocated tensors: the KV cache, each row's current
+token and its position, the sampled tokens, the done flags. One decode step (model, sampling,
+bookkeeping) then has fixed shapes and never waits for the host, so on CUDA it is captured once in a
+CUDA graph (after `torch.compile` when asked) and each token costs one graph replay, plus one launch
+for the random numbers when sampling. Every row has its own position, so prompts of any lengths share
+a batch with no padding to hide, and each row slides its own context when it fills up: every row gets
+exactly the tokens its prompt gets alone. The host knows every row's position without asking the
+device; it reads results back only to stream a token or, every few tokens, to see whether every row
+has ended.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from .checkpoint import find_checkpoint, latest_run, load_model
-from .common import UserError, console
-from .model import GPT, KVCache
-from .quantize import int8_path
-from .tokenizer import load_tokenizer
+from .config import Sampling
+from .model import GPT, KVCache, activation_dtype
+from .utils import UserError, console
 
 DONE_CHECK_EVERY = 16  # tokens between the host's looks at the done flags (each look is a device sync)
 
+# How the fast path runs a step, slowest first (`minigpt bench` times each; "plain" is the reference).
+DECODE_MODES = {
+    "plain": "whole sequence recomputed per token (the reference)",
+    "cache": "static KV cache, eager step",
+    "graph": "static KV cache, step replayed from a CUDA graph",
+    "compiled": "static KV cache, torch.compile'd step in a CUDA graph",
+}
 
-@dataclass
-class Sampling:
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+
+def default_mode(device: torch.device) -> str:
+    """The decode mode `minigpt generate` uses on `device`: a CUDA graph where there are CUDA graphs."""
+    return "graph" if device.type == "cuda" else "cache"
 
 
 def next_token(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
-    """One token per row from (rows, vocab) logits.
+    """One token per row from (rows, vocab) logits: penalty, then temperature, then top-k and top-p (both
+    judged on the tempered distribution), then a draw.
 
     `noise` holds Exp(1) random numbers of the logits' shape (unused when greedy): argmax(p / noise) is a
     draw from p (the exponential race, the same trick `torch.multinomial` uses), with no host sync.
@@ -74,18 +77,9 @@ def draw_noise(shape: tuple[int, int], device: torch.device, gen: torch.Generato
     return out.exponential_(generator=gen)
 
 
-def pad_prompts(prompts: list[list[int]], rows: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
-    """`rows` rows per prompt, in one (rows * prompts, longest) tensor, and each row's first real slot.
-
-    Shorter prompts are left-padded, so every row's next token lands in the same cache slot; the padding
-    repeats the row's own first token, which keeps the repetition penalty's set of seen tokens as it is.
-    """
+def _check_prompts(prompts: list[list[int]]) -> None:
     if not prompts or any(not p for p in prompts):
         raise UserError("a prompt is empty; give some text (or start from <|endoftext|>).")
-    longest = max(map(len, prompts))
-    ids = [[p[0]] * (longest - len(p)) + p for p in prompts for _ in range(rows)]
-    first = [longest - len(p) for p in prompts for _ in range(rows)]
-    return torch.tensor(ids, dtype=torch.long, device=device), first
 
 
 def _generator(model: GPT, seed: int | None) -> torch.Generator | None:
@@ -105,14 +99,16 @@ def generate_reference(
     on_token: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Recompute the whole (cropped) sequence for every new token: slow, obviously right."""
-    idx, _ = pad_prompts([prompt], rows, next(model.parameters()).device)
+    _check_prompts([prompt])
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt] * rows, dtype=torch.long, device=device)
     gen = _generator(model, seed)
-    seen = _seen(idx, model.cfg.vocab_size)
-    done = torch.zeros(rows, dtype=torch.bool, device=idx.device)
+    seen = torch.zeros(rows, model.cfg.vocab_size, dtype=torch.bool, device=device).scatter_(1, idx, True)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
     out: list[torch.Tensor] = []
     for _ in range(max_new):
-        logits = model(idx[:, -model.cfg.block_size :]).logits[:, -1]
-        noise = draw_noise(logits.shape, idx.device, gen) if s.temperature > 0 else None
+        logits = model(idx[:, -model.cfg.block_size :], last_only=True).logits[:, -1]
+        noise = draw_noise(logits.shape, device, gen) if s.temperature > 0 else None
         tok = next_token(logits, s, seen, noise)
         out.append(tok)
         idx = torch.cat([idx, tok[:, None]], dim=1)
@@ -123,7 +119,7 @@ def generate_reference(
             done |= tok == eot
             if done.all():
                 break
-    return _finish(out, eot, rows)
+    return _finish(torch.stack(out, dim=1) if out else None, eot, rows)
 
 
 @torch.no_grad()
@@ -139,11 +135,12 @@ def generate(
     graph: bool | None = None,
     compile: bool = False,
 ) -> list[list[int]]:
-    """The fast path: the prompt once into a static KV cache, then one captured step per token.
+    """The fast path for `rows` samples of one prompt: the prompt once into a static KV cache, then one
+    captured step per token.
 
     `graph` (default: on CUDA) replays the step from a CUDA graph; `compile` runs it through
-    `torch.compile` first (worth its start-up time for long or batched generations). When the context
-    fills up, the last 3/4 of it is re-encoded into the cache and generation goes on (the reference
+    `torch.compile` first (worth its start-up time for long or batched generations). When a row's
+    context fills up, its last 3/4 is re-encoded into the cache and generation goes on (the reference
     path instead slides one token at a time, so past the context the two may differ). `on_token` gets
     row 0's new token after each step (for streaming; it costs one host sync a token).
     """
@@ -165,23 +162,17 @@ def generate_many(
 ) -> list[list[list[int]]]:
     """`generate` for several prompts in one batch (`rows` rows each); returns each prompt's rows.
 
-    Prompts of different lengths are left-padded and attention skips the padding (`KVCache.first`),
-    so each row's tokens are those it would get alone, up to float rounding (greedy is tested against
-    the reference). Random draws differ: one generator serves the whole batch. All rows share the
-    context, so a short prompt's row slides its context when the longest prompt's row does.
+    Each row keeps its own position and slides its own context, so its tokens are those it would get
+    alone, up to float rounding (greedy is tested against the prompts run one by one). Random draws
+    differ: one generator serves the whole batch.
     """
-    device = next(model.parameters()).device
-    idx, first = pad_prompts(prompts, rows, device)
+    _check_prompts(prompts)
     if max_new < 1:
         return [[[] for _ in range(rows)] for _ in prompts]
-    decoder = Decoder(model, len(first), max_new, s, eot, _generator(model, seed), graph=graph, compile=compile)
-    out = _finish(decoder.run(idx, on_token, first), eot, len(first))
+    per_row = [p for p in prompts for _ in range(rows)]
+    decoder = Decoder(model, len(per_row), max_new, s, eot, _generator(model, seed), graph=graph, compile=compile)
+    out = _finish(decoder.run(per_row, on_token), eot, len(per_row))
     return [out[i * rows : (i + 1) * rows] for i in range(len(prompts))]
-
-
-def graph_by_default(device: torch.device) -> bool:
-    """Whether decoding replays a CUDA graph unless told otherwise: on CUDA devices, which have them."""
-    return device.type == "cuda"
 
 
 class Decoder:
@@ -191,31 +182,34 @@ class Decoder:
         self, model: GPT, rows: int, max_new: int, s: Sampling, eot: int | None = None,
         gen: torch.Generator | None = None, graph: bool | None = None, compile: bool = False,
     ) -> None:
-        p = next(model.parameters())
-        device, vocab = p.device, model.cfg.vocab_size
-        self.model, self.s, self.eot, self.gen, self.max_new = model, s, eot, gen, max_new
-        dtype = model.wte.out_dtype if hasattr(model.wte, "out_dtype") else p.dtype  # int8: the activations' dtype
-        self.cache = KVCache(model.cfg, rows, model.cfg.block_size, device, dtype)
-        self.tok = torch.zeros(rows, dtype=torch.long, device=device)  # the last sampled token of each row
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # where `tok` goes in the cache
+        device, vocab, T = next(model.parameters()).device, model.cfg.vocab_size, model.cfg.block_size
+        self.model, self.s, self.eot, self.gen, self.max_new, self.rows = model, s, eot, gen, max_new, rows
+        self.keep = (3 * T + 3) // 4  # context a full row keeps when it slides (its newest token included)
+        self.cache = KVCache(model.cfg, rows, T, device, activation_dtype(model))
+        self.tok = torch.zeros(rows, dtype=torch.long, device=device)  # each row's newest token, not yet cached
+        self.pos = torch.zeros(rows, dtype=torch.long, device=device)  # the slot `tok` goes into, per row
         self.n = torch.zeros((), dtype=torch.long, device=device)  # tokens sampled so far
         self.out = torch.zeros(rows, max_new, dtype=torch.long, device=device)
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device) if s.repetition_penalty != 1 else None
         self.noise = torch.empty(rows, vocab, device=device) if s.temperature > 0 else None
-        self.first = [0] * rows  # each row's first real slot in the prompt rows (left padding), set by `start`
+        self.host_pos = [0] * rows  # `pos` as the host knows it (it moves by one a step): no sync to read it
+        self.prompts: list[torch.Tensor] = []  # each row's prompt (its last context's worth), for slides
+        self.produced = 0
         self.step_fn: Callable[[], None] = self._step
         if compile:
             self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
         self.graph: torch.cuda.CUDAGraph | None = None
         if graph is None:
-            graph = graph_by_default(device)
+            graph = default_mode(device) == "graph"
         if graph:
             self.graph = self._capture()
 
     # the step: everything below runs on the device, in fixed shapes
 
-    def _sample(self, logits: torch.Tensor) -> None:
+    def _step(self) -> None:
+        logits = self.model.decode(self.tok, self.pos, self.cache)
+        self.pos.add_(1)
         tok = next_token(logits, self.s, self.seen, self.noise)
         self.tok.copy_(tok)
         self.out.index_copy_(1, self.n.view(1), tok[:, None])
@@ -224,11 +218,6 @@ class Decoder:
             self.seen.scatter_(1, tok[:, None], True)
         if self.eot is not None:
             self.done.logical_or_(tok == self.eot)
-
-    def _step(self) -> None:
-        logits = self.model.decode(self.tok, self.pos, self.cache)
-        self.pos.add_(1)
-        self._sample(logits)
 
     def _capture(self) -> torch.cuda.CUDAGraph | None:
         """Record one step in a CUDA graph (warm-up steps first, on a side stream, as capture requires)."""
@@ -250,144 +239,82 @@ class Decoder:
             torch.cuda.synchronize()
             return None
 
-    # the host loop
+    # the host side
 
-    def start(self, idx: torch.Tensor, first: list[int] | None = None) -> None:
-        """A new generation after the prompt rows `idx`: reset the state, encode the prompt (its last
-        context's worth) and sample the first token. `first`: each row's first real slot when the rows
-        are left-padded (`pad_prompts`)."""
+    def start(self, prompts: list[list[int]]) -> None:
+        """A new generation after one prompt per row: reset the state and encode each prompt's last
+        context's worth into the cache, all but its last token, which the first step consumes."""
+        assert len(prompts) == self.rows, f"{len(prompts)} prompts for {self.rows} rows"
+        _check_prompts(prompts)
+        T, device = self.model.cfg.block_size, self.tok.device
         self.n.zero_()
         self.done.zero_()
-        self.first = first or [0] * idx.size(0)
+        self.produced = 0
+        self.prompts = [torch.tensor(p[-T:], dtype=torch.long, device=device) for p in prompts]
         if self.seen is not None:
-            self.seen.zero_().scatter_(1, idx, True)
-        self._prefill(idx, self.model.cfg.block_size)
-
-    def _prefill(self, seq: torch.Tensor, keep: int) -> None:
-        """Encode the last `keep` slots of `seq` (the prompt rows, then what was sampled) into an empty
-        cache and sample the token after them."""
-        cut = max(0, seq.size(1) - keep)
-        self.cache.pos = 0
-        self.cache.set_first([max(0, f - cut) for f in self.first])
-        logits = self.model(seq[:, cut:], cache=self.cache, last_only=True).logits[:, -1]
-        self.pos.fill_(seq.size(1) - cut)
-        self._draw()
-        self._sample(logits)
-
-    def _draw(self) -> None:
-        if self.noise is not None:
-            draw_noise(self.noise.shape, self.noise.device, self.gen, out=self.noise)
+            self.seen.zero_()
+            for r, p in enumerate(prompts):
+                self.seen[r, torch.tensor(p, device=device)] = True
+        self.host_pos = [len(p) - 1 for p in self.prompts]
+        self.tok.copy_(torch.stack([p[-1] for p in self.prompts]))
+        self.pos.copy_(torch.tensor(self.host_pos))
+        longest = max(self.host_pos)
+        if longest:  # right-padded: a row's padding sits after its tokens, where causal attention never
+            # looks, and the steps overwrite it (a step sees only slots up to its row's position)
+            ctx = torch.zeros(self.rows, longest, dtype=torch.long, device=device)
+            for r, p in enumerate(self.prompts):
+                ctx[r, : len(p) - 1] = p[:-1]
+            self.cache.pos = 0
+            self.model.prefill(ctx, self.cache)
 
     def step(self) -> None:
-        self._draw()
+        """One token for every row: slide the rows whose context is full, draw the noise, run the step."""
+        T = self.model.cfg.block_size
+        full = [r for r, p in enumerate(self.host_pos) if p == T]
+        if full:
+            self._slide(full)
+        if self.noise is not None:
+            draw_noise(self.noise.shape, self.noise.device, self.gen, out=self.noise)
         if self.graph is not None:
             self.graph.replay()
         else:
             self.step_fn()
+        self.host_pos = [p + 1 for p in self.host_pos]
+        self.produced += 1
 
-    def run(self, idx: torch.Tensor, on_token: Callable[[int], None] | None = None,
-            first: list[int] | None = None) -> torch.Tensor:
-        """Generate up to `max_new` tokens after the prompt rows `idx` (left-padded: `first`, as for
-        `start`); returns (rows, produced)."""
-        T = self.model.cfg.block_size
-        self.start(idx, first)
-        filled = min(idx.size(1), T)
-        produced = 1
-        while True:
+    def _slide(self, full: list[int]) -> None:
+        """Rows with a full context keep its last `keep` tokens: the `keep - 1` before their newest token
+        are re-encoded from slot 0, and the next step puts the newest token after them."""
+        history = [torch.cat([self.prompts[r], self.out[r, : self.produced]])[-self.keep : -1] for r in full]
+        start = 0
+        while start < len(full):  # contiguous rows go through the model together
+            stop = start + 1
+            while stop < len(full) and full[stop] == full[stop - 1] + 1:
+                stop += 1
+            view = self.cache.rows(full[start], full[stop - 1] + 1)
+            self.model.prefill(torch.stack(history[start:stop]), view)
+            start = stop
+        self.pos.index_fill_(0, torch.tensor(full, device=self.pos.device), self.keep - 1)
+        for r in full:
+            self.host_pos[r] = self.keep - 1
+
+    def run(self, prompts: list[list[int]], on_token: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Generate up to `max_new` tokens after one prompt per row; returns (rows, produced)."""
+        self.start(prompts)
+        while self.produced < self.max_new:
+            self.step()
             if on_token is not None:
                 on_token(int(self.tok[0]))
-            if produced == self.max_new:
-                break
-            if self.eot is not None and (on_token is not None or produced % DONE_CHECK_EVERY == 0):
+            if self.eot is not None and (on_token is not None or self.produced % DONE_CHECK_EVERY == 0):
                 if bool(self.done.all()):
                     break
-            if filled == T:  # context full: keep the most recent 3/4 (with the newest token) and carry on
-                filled = (3 * T + 3) // 4
-                self._prefill(torch.cat([idx, self.out[:, :produced]], dim=1), filled)
-            else:
-                self.step()
-                filled += 1
-            produced += 1
-        return self.out[:, :produced]
+        return self.out[:, : self.produced]
 
 
-def _seen(idx: torch.Tensor, vocab: int) -> torch.Tensor:
-    seen = torch.zeros(idx.size(0), vocab, dtype=torch.bool, device=idx.device)
-    return seen.scatter_(1, idx, True)
-
-
-def _finish(out: list[torch.Tensor] | torch.Tensor, eot: int | None, rows: int) -> list[list[int]]:
-    if len(out) == 0:
+def _finish(out: torch.Tensor | None, eot: int | None, rows: int) -> list[list[int]]:
+    if out is None or out.size(1) == 0:
         return [[] for _ in range(rows)]
-    result = (out if isinstance(out, torch.Tensor) else torch.stack(out, dim=1)).tolist()
+    result = out.tolist()
     if eot is not None:
         result = [r[: r.index(eot)] if eot in r else r for r in result]
     return result
-
-
-# --------------------------------------------------------------------------------------------------
-# loading a run for generation
-
-
-@dataclass
-class Loaded:
-    model: GPT
-    tokenizer: Any
-    config: dict[str, Any]
-    folder: Path
-    path: str = "fp32"  # how the matmuls run: fp32, bf16, fp16, or the int8 path in use
-
-    @property
-    def eot(self) -> int:
-        return self.config["data"]["eot_id"]
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-
-def load_run(run: str | Path, which: str = "best", device: torch.device | str = "cpu", runs_dir: str = "runs") -> Loaded:
-    run_dir = Path(run) if run else latest_run(Path(runs_dir))
-    if which not in ("best", "last"):
-        raise UserError(f"--checkpoint must be best or last, got {which!r}.")
-    with contextlib.suppress(UserError):
-        folder = find_checkpoint(run_dir, which)
-        return _load(folder, device)
-    other = "last" if which == "best" else "best"
-    return _load(find_checkpoint(run_dir, other), device)  # raises the clear error if neither exists
-
-
-def _load(folder: Path, device: torch.device | str) -> Loaded:
-    model, config = load_model(folder, device)
-    tokenizer = load_tokenizer(folder / "tokenizer.json")
-    if tokenizer.get_vocab_size() != model.cfg.vocab_size:
-        raise UserError(
-            f"{folder}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model expects "
-            f"{model.cfg.vocab_size}; the checkpoint does not belong to this tokenizer."
-        )
-    model.eval()
-    scheme = (config.get("quantization") or {}).get("scheme")
-    device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    path = inference_dtype(model, dtype) if scheme != "fp16" else "fp16"
-    if scheme == "int8":
-        path = f"{int8_path(model, device)}, {path} activations"
-    return Loaded(model, tokenizer, config, folder, path)
-
-
-def inference_dtype(model: GPT, dtype: torch.dtype | None) -> str:
-    """Run inference in `dtype` (bf16 on GPUs that have it): float weights cast, int8 weights kept,
-    and the activations (hence the KV cache) in that dtype. Returns the dtype's name."""
-    from .quantize import Int8Embedding, Int8Linear
-
-    if dtype is not None:
-        for p in model.parameters():
-            p.data = p.data.to(dtype)
-        if isinstance(model.wte, Int8Embedding):
-            model.wte.out_dtype = dtype
-        for m in model.modules():
-            if isinstance(m, Int8Linear):  # scales in the activation dtype: no cast per matmul per token
-                m.scale = m.scale.to(dtype)
-    return str(next(model.parameters()).dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")

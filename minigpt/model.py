@@ -1,4 +1,4 @@
-"""A decoder-only GPT in one file.
+"""A decoder-only GPT in one file, with its KV cache and its int8 layers.
 
 Departures from GPT-2, each a common modern choice:
 - rotary position embeddings (RoPE) on queries and keys instead of a learned position table;
@@ -9,15 +9,20 @@ Departures from GPT-2, each a common modern choice:
 - token embedding and output head tied by default (`tie_embeddings`);
 - residual projections initialised with std 0.02 / sqrt(2 * n_layer), as in GPT-2's paper.
 
-`KVCache` is a preallocated (static) cache for generation: `GPT.forward` with a cache fills it from a
-prompt (at position `cache.pos`), and `GPT.decode` adds one token per row at a position held in a tensor,
-with fixed shapes and no host sync, so that step can be captured in a CUDA graph. The plain path without
-a cache is the reference both are tested against.
+`KVCache` is a preallocated (static) cache for generation. Each row (sequence) fills its own slots
+from 0, so slot = position for RoPE, and rows may be at different positions: `GPT.prefill` encodes
+tokens into the cache, and `GPT.decode` adds one token per row, each row at its own position held in
+a tensor, with fixed shapes and no host sync, so that step can be captured in a CUDA graph. The plain
+path without a cache is the reference both are tested against.
+
+int8 (weight-only, symmetric, one scale per output channel) swaps the Linear layers and the embedding
+for `Int8Linear` / `Int8Embedding`; `minigpt/quantize.py` converts a model, `checkpoint.py` loads one.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,34 +34,22 @@ from .config import ModelConfig
 
 
 class KVCache:
-    """Keys and values of every layer for up to `max_len` positions, allocated once."""
+    """Keys and values of every layer for `rows` sequences of up to `max_len` positions, allocated once."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+    def __init__(self, cfg: ModelConfig, rows: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (cfg.n_layer, rows, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # positions filled so far by `GPT.forward` (the same for every row of the batch)
         self.max_len = max_len
-        self.positions = torch.arange(max_len, device=device)
-        # Rows of different prompts are left-padded to one length: `first` is each row's first real slot,
-        # and attention never looks before it. RoPE sees only position differences, so a row shifted
-        # right by its padding attends exactly as it would alone. `padded` (on the host) says whether
-        # any row has padding, so that unpadded prompts keep the mask-free causal kernel.
-        self.first = torch.zeros(batch, dtype=torch.long, device=device)
-        self.padded = False
+        self.pos = 0  # slots filled by `GPT.prefill` / `GPT.forward` (the same for every row of this cache)
+        self.slots = torch.arange(max_len, device=device)
 
-    def set_first(self, first: list[int]) -> None:
-        """Each row's first real slot (0 for a row without padding), in place: a captured step reads it."""
-        self.first.copy_(torch.tensor(first, dtype=torch.long))
-        self.padded = any(first)
-
-    def prefill_mask(self, T: int) -> torch.Tensor:
-        """(rows, 1, T, pos + T) bool: causal, and blind to each row's padding, except that a padding slot
-        sees itself (a query with nothing to see would give NaNs, which would leak through the cache)."""
-        q = self.positions[self.pos : self.pos + T, None]
-        k = self.positions[None, : self.pos + T]
-        real = k >= self.first[:, None, None]
-        return ((k <= q) & (real | (k == q)))[:, None]
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows [start, stop) as a cache of their own: the same storage (writes land here), empty (pos 0)."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.max_len, view.pos, view.slots = self.max_len, 0, self.slots
+        return view
 
 
 def rotary_tables(cfg: ModelConfig, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,37 +76,36 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-        at: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+        write: torch.Tensor | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`cos`/`sin` broadcast against (B, T, 2, H, D/2): per position, or per row when decoding."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
-        # queries and keys rotated in one pass (half the kernels of rotating each); cos/sin: (T, 1, 1, D/2)
-        qk = apply_rotary(qkv[:, :, :2], cos[:, None, None], sin[:, None, None])
+        qk = apply_rotary(qkv[:, :, :2], cos, sin)  # queries and keys rotated in one pass
         q, k = qk.transpose(1, 3).unbind(dim=2)  # (B, H, T, D) each
         v = qkv[:, :, 2].transpose(1, 2)
-        if at is not None and cache is not None:  # GPT.decode: one token at position `at`, fixed shapes
-            cache.k[layer].index_copy_(2, at, k)
-            cache.v[layer].index_copy_(2, at, v)
-            y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask)
-        elif cache is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-            )
-        else:
-            start = cache.pos
-            cache.k[layer, :B, :, start : start + T] = k
-            cache.v[layer, :B, :, start : start + T] = v
-            k, v = cache.k[layer, :B, :, : start + T], cache.v[layer, :B, :, : start + T]
-            if mask is not None:  # left-padded rows (`KVCache.prefill_mask`)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            elif start == 0:  # an empty cache: plain causal attention over the new tokens (the fast kernels)
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            elif T == 1:  # one new token sees everything cached: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v)
-            else:  # a chunk of new tokens: causal among themselves, full view of the past
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        if cache is None:  # training and the plain reference
+            return self.proj(self._out(F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)))
+        if write is not None:  # GPT.decode: one token per row, each at its own slot, fixed shapes
+            cache.k[layer].scatter_(2, write, k)
+            cache.v[layer].scatter_(2, write, v)
+            return self.proj(self._out(F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask)))
+        start = cache.pos  # GPT.prefill: T new tokens for every row, after the `start` cached ones
+        cache.k[layer, :, :, start : start + T] = k
+        cache.v[layer, :, :, start : start + T] = v
+        k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
+        if start == 0:  # an empty cache: plain causal attention over the new tokens (the fast kernels)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # causal among the new tokens, a full view of the past
+            visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        return self.proj(self._out(y))
+
+    @staticmethod
+    def _out(y: torch.Tensor) -> torch.Tensor:
+        B, H, T, D = y.shape
+        return y.transpose(1, 2).reshape(B, T, H * D)
 
 
 class MLP(nn.Module):
@@ -142,9 +134,9 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-        at: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+        write: torch.Tensor | None = None, mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer, at, mask))
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer, write, mask))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -166,6 +158,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:  # one matrix for reading and writing tokens: fewer parameters, no loss in quality
             self.lm_head.weight = self.wte.weight
         cos, sin = rotary_tables(cfg, cfg.block_size)
+        # Derived from the config, never saved or trained: under DDP they are not broadcast either.
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.grad_checkpoint = False
@@ -182,54 +175,60 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None, last_only: bool = False
-    ) -> Output:
-        """Logits for every position (and the loss against `targets`); `last_only` keeps the last position
-        alone, which is all a prompt needs and spares the output head most of its work."""
+    def _trunk(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """The blocks over `idx` (after `cache.pos` cached positions, with a cache), before the final norm."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.block_size}")
-        cos, sin = self.cos[start : start + T], self.sin[start : start + T]
-        mask = cache.prefill_mask(T) if cache is not None and cache.padded else None
+        cos, sin = self.cos[start : start + T, None, None], self.sin[start : start + T, None, None]
         x = self.drop(self.wte(idx))
         for i, block in enumerate(self.blocks):
             if self.grad_checkpoint and self.training:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache, i, mask=mask)
+                x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.pos += T
+        return x
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None, last_only: bool = False
+    ) -> Output:
+        """Logits for every position (and the mean loss against `targets`); `last_only` keeps the last
+        position alone, which is all a next-token prediction needs and spares the output head."""
+        x = self._trunk(idx, cache)
         if last_only:
             x = x[:, -1:]
-        x = self.norm_f(x)
+        logits = self.lm_head(self.norm_f(x))
         if targets is None:
-            return Output(self.lm_head(x), None)
-        logits = self.lm_head(x)
+            return Output(logits, None)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return Output(logits, loss)
 
+    def prefill(self, idx: torch.Tensor, cache: KVCache) -> None:
+        """Encode `idx` (one row per cache row) into the cache after its `pos` slots; no output head."""
+        self._trunk(idx, cache)
+
     def decode(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (rows, vocab) after one new token per row, `tok` (rows,), at position `pos` (a 0-d tensor).
+        """Logits (rows, vocab) after one new token per row: `tok` (rows,) goes into slot `pos` (rows,) of
+        its row, and attends to that row's slots up to and including `pos`.
 
         Every shape is fixed and nothing is read back to the host, so the step can be captured in a CUDA
-        graph and replayed for each token: the token's keys and values go into the cache at `pos`, and
-        attention reads the whole cache with the positions after `pos`, and each row's left padding
-        (`cache.first`), masked out. The cache must hold exactly the rows of `tok`, and `pos` must be
-        below `cache.max_len`.
+        graph and replayed for each token. The cache must hold exactly the rows of `tok`, and every
+        `pos` must be below `cache.max_len`.
         """
-        at = pos.view(1)
-        x = self.wte(tok[:, None])
-        # cast once here rather than in every layer: the step's kernel count is its cost
-        cos, sin = self.cos.index_select(0, at).to(x.dtype), self.sin.index_select(0, at).to(x.dtype)
-        # additive mask, built once for all layers: 0 where visible, -inf after `pos` and before each
-        # row's first real slot (left padding)
-        hidden = (cache.positions > pos) | (cache.positions < cache.first[:, None])
-        mask = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill(hidden, float("-inf"))
-        mask = mask[:, None, None]
+        x = self.wte(tok[:, None])  # (rows, 1, C)
+        head_dim = self.cfg.n_embd // self.cfg.n_head
+        # each row's angles, cast once here rather than in every layer: the step's kernel count is its cost
+        cos = self.cos.index_select(0, pos).to(x.dtype)[:, None, None, None]
+        sin = self.sin.index_select(0, pos).to(x.dtype)[:, None, None, None]
+        write = pos.view(-1, 1, 1, 1).expand(-1, self.cfg.n_head, 1, head_dim)
+        # additive mask, built once for all layers: 0 up to each row's `pos`, -inf after it
+        hidden = cache.slots[None, :] > pos[:, None]
+        mask = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill(hidden, float("-inf"))[:, None, None]
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i, at, mask)
+            x = block(x, cos, sin, cache, i, write, mask)
         return self.lm_head(self.norm_f(x))[:, 0]
 
     def num_params(self) -> int:
@@ -240,9 +239,139 @@ class GPT(nn.Module):
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 x the weights used in matmuls + attention scores (PaLM, appendix B).
 
-        The embedding lookup is free; the output head is a matmul whether tied or not.
+        From the shape alone: the blocks' Linear layers and the output head (a matmul whether tied or
+        not, counted once); the embedding lookup is free.
         """
-        cfg = self.cfg
-        matmul = self.num_params() - self.wte.weight.numel() + cfg.vocab_size * cfg.n_embd
-        matmul -= sum(p.numel() for p in self.parameters() if p.dim() == 1)
-        return 6 * matmul + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        c = self.cfg
+        per_block = 4 * c.n_embd * c.n_embd + (3 if c.mlp == "swiglu" else 2) * c.n_embd * c.mlp_hidden
+        matmul = c.n_layer * per_block + c.vocab_size * c.n_embd
+        return 6 * matmul + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def set_inference_dtype(model: GPT, dtype: torch.dtype | None) -> str:
+    """Run inference in `dtype` (bf16 on GPUs that have it): float weights cast, int8 weights kept,
+    and the activations (hence the KV cache) in that dtype. Returns the dtype's short name."""
+    if dtype is not None:
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+        if isinstance(model.wte, Int8Embedding):
+            model.wte.out_dtype = dtype
+        for m in model.modules():
+            if isinstance(m, Int8Linear):  # scales in the activation dtype: no cast per matmul per token
+                m.scale = m.scale.to(dtype)
+    name = str(activation_dtype(model)).removeprefix("torch.")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
+
+
+def activation_dtype(model: GPT) -> torch.dtype:
+    """The dtype of the model's activations (and so of its KV cache)."""
+    if isinstance(model.wte, Int8Embedding):
+        return model.wte.out_dtype
+    return model.wte.weight.dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# int8 weight-only layers
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: (q, scale) with w ~= q * scale[:, None] and |error| <= scale / 2."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+class Int8Linear(nn.Module):
+    """Two ways to multiply: `dequant` (the reference, and the CUDA path) widens the int8 weight to the
+    activation dtype inside the matmul (tensor cores) and scales the outputs; `cpu-dynamic` (set by
+    `use_cpu_dynamic`) runs PyTorch's dynamic int8 kernels, which also quantize the activations."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        self.dynamic: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic is not None:
+            return self.dynamic(x.float()).to(x.dtype)
+        # The scale is per output channel, so it applies to the product's N outputs rather than the N x K
+        # weights: one small multiply instead of a full scaled copy of the matrix (and the cast alone is
+        # what torch.compile can fold into the matmul's load).
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+
+
+class Int8Embedding(nn.Module):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        self.out_dtype = torch.float32  # the activation dtype of the whole model follows from this
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return (self.weight[idx].float() * self.scale[idx][..., None]).to(self.out_dtype)
+
+
+def int8_linears(model: GPT) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every Linear in the blocks (the embedding and head are handled apart)."""
+    found = []
+    for block in model.blocks:
+        found += [(block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "up"), (block.mlp, "down")]
+    return found
+
+
+def to_int8(model: GPT, tensors: dict[str, torch.Tensor]) -> GPT:
+    """Swap the model's Linear layers and embedding for int8 modules holding `tensors` (int8 + `.scale`)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    for parent, attr in int8_linears(model):
+        prefix = f"{names[id(parent)]}.{attr}"
+        setattr(parent, attr, Int8Linear(tensors[f"{prefix}.weight"], tensors[f"{prefix}.scale"]))
+    model.wte = Int8Embedding(tensors["wte.weight"], tensors["wte.scale"])
+    if model.cfg.tie_embeddings:  # the head reads the same int8 rows as the embedding
+        model.lm_head = Int8Linear(model.wte.weight, model.wte.scale)
+    else:
+        model.lm_head = Int8Linear(tensors["lm_head.weight"], tensors["lm_head.scale"])
+    rest = {k: v for k, v in tensors.items() if k.endswith(".weight") and "norm" in k}
+    missing = [k for k, _ in model.named_parameters() if k not in rest]
+    if missing:
+        raise KeyError(f"int8 checkpoint lacks {missing[:3]}")
+    model.load_state_dict(rest, strict=False)
+    return model
+
+
+def use_cpu_dynamic(model: GPT) -> str:
+    """On CPU, run the int8 linears through PyTorch's dynamic int8 kernels when they exist."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization warns that it is deprecated
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+            for module in model.modules():
+                if isinstance(module, Int8Linear):
+                    out_f, in_f = module.weight.shape
+                    dyn = DynamicLinear(in_f, out_f, bias_=False, dtype=torch.qint8)
+                    # our exact int8 values, re-expressed as a per-channel quantized tensor
+                    qw = torch.quantize_per_channel(
+                        dequantize(module.weight, module.scale), module.scale.double(),
+                        torch.zeros(out_f, dtype=torch.long), 0, torch.qint8,
+                    )
+                    dyn.set_weight_bias(qw, None)
+                    module.dynamic = dyn
+        return "int8 cpu-dynamic"
+    except (ImportError, RuntimeError, AttributeError):
+        return "int8 dequant"
+
+
+def int8_matmul(model: GPT, device: torch.device) -> str:
+    """Choose and set the int8 matmul kind for `device`; returns its description."""
+    if device.type == "cpu":
+        return use_cpu_dynamic(model)
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.dynamic = None
+    return "int8 dequant"

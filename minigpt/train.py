@@ -1,7 +1,8 @@
 """The training loop (the library behind 03_train.py): one process or many under torchrun.
 
-Exact resume: trainer_state.json holds the step, the batch sampler's generator state and torch's RNG
-states, so on CPU a resumed run logs the same losses an uninterrupted one would have.
+Exact resume: trainer_state.json holds the step, the batch sampler's generator state, torch's RNG
+states and the fp16 gradient scaler's state, so on CPU a resumed run logs the same losses an
+uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -11,14 +12,12 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -26,96 +25,32 @@ from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import find_checkpoint, load_model, read_trainer_state, save_checkpoint
-from .common import UserError, atomic_open, console, human_count, human_time
-from .config import ModelConfig, TrainConfig, model_config
-from .data import BatchSampler, TokenData, eval_windows
-from .generate import Sampling, generate
+from .config import ModelConfig, Sampling, TrainConfig, model_config
+from .data import BatchSampler, TokenData, eval_windows, load_tokenizer
+from .evaluate import Score, evaluate
+from .generate import generate
 from .model import GPT
-from .tokenizer import load_tokenizer
-
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU, matched against torch.cuda.get_device_name().
-PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
-    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12, "A6000": 155e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
-}
-
-
-# --------------------------------------------------------------------------------------------------
-# device, precision, distribution
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu (or auto).")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps was asked for but MPS is not available here; use --device cpu (or auto).")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use auto, cuda, cuda:N, mps or cpu.") from None
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # bf16 autocast is slower than fp32 on most CPUs; MPS: ask with --dtype
-    if name == "fp16" and device.type == "cpu":
-        raise UserError("--dtype fp16 is not supported on CPU; use bf16 or fp32.")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """torchrun's environment decides: WORLD_SIZE > 1 means DDP (NCCL on GPU, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(), resolve_device(device_name)
-    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", d.local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return d, device
-
+from .utils import (
+    Dist,
+    UserError,
+    atomic_open,
+    autocast,
+    console,
+    dtype_name,
+    human_count,
+    human_time,
+    init_distributed,
+    peak_flops,
+    resolve_dtype,
+)
 
 # --------------------------------------------------------------------------------------------------
 # optimisation pieces
 
 
 def lr_at(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps.
+    """Linear warmup (step 0 already learns, at lr / warmup_steps), then cosine decay to
+    min_lr_ratio * lr at max_steps.
 
     With a time budget, progress is whichever is further along, steps or time (`time_used` is the
     share of --max-minutes spent), so the decay completes when time runs out first.
@@ -152,11 +87,36 @@ def accumulation(cfg: TrainConfig, block_size: int, world: int) -> tuple[int, in
     return rows, rows // per_micro
 
 
+def forward_backward(
+    model: torch.nn.Module, batch: torch.Tensor, micro_bs: int, device: torch.device, dtype: torch.dtype,
+    scaler: torch.amp.GradScaler, world: int,
+) -> torch.Tensor:
+    """Gradients of the mean loss over every row of `batch`, `micro_bs` rows at a time (the last micro-batch
+    may be smaller); returns that mean loss (on the device). Targets are the inputs shifted by one."""
+    rows = batch.size(0)
+    starts = range(0, rows, micro_bs)
+    total = torch.zeros((), device=device)
+    for i, start in enumerate(starts):
+        part = batch[start : start + micro_bs]
+        weight = part.size(0) / rows  # each row counts the same, however the rows were split
+        sync = i == len(starts) - 1 or world == 1  # DDP all-reduces gradients on the last micro-batch only
+        # Under --compile-mode reduce-overhead this tells the CUDA graphs the last outputs are no longer
+        # needed (a no-op otherwise).
+        torch.compiler.cudagraph_mark_step_begin()
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
+            loss = model(part[:, :-1], part[:, 1:]).loss * weight
+        scaler.scale(loss).backward()
+        total += loss.detach()  # read at log steps only: no host sync per step
+    return total
+
+
 class Health:
     """Non-finite updates and gradient-norm spikes, counted on the device and read at log steps.
 
     An update whose gradient norm is not finite is skipped: inside the fused CUDA AdamW kernel (its
-    `found_inf` input, so no host sync per step), with a host check elsewhere.
+    `found_inf` input, so no host sync per step), with a host check elsewhere. With fp16 the gradient
+    scaler skips overflowing updates itself and lowers its scale, which is its normal work: only a loss
+    that is not finite counts as a bad step there.
     """
 
     SPIKE = 10.0  # a norm this many times the running norm is a spike
@@ -166,14 +126,15 @@ class Health:
         self.skipped, self.streak, self.max_streak, self.spikes, self.max_spike, self.ema = z(), z(), z(), z(), z(), z()
         self.seen = 0
 
-    def check(self, norm: torch.Tensor) -> torch.Tensor:
-        """1.0 if this update must be skipped, else 0.0 (a device tensor)."""
+    def check(self, norm: torch.Tensor, loss: torch.Tensor, scaled: bool = False) -> torch.Tensor:
+        """1.0 if this update is bad (and, without a scaler, must be skipped), else 0.0 (a device tensor)."""
         norm = norm.float()
-        bad = (~torch.isfinite(norm)).float()
+        finite = torch.isfinite(norm)
+        bad = (~torch.isfinite(loss) if scaled else ~finite).float()
         self.skipped += bad
         self.streak = (self.streak + bad) * bad
         self.max_streak = torch.maximum(self.max_streak, self.streak)
-        good = bad == 0
+        good = finite
         if self.seen >= 20:  # after a short warm-up of the running norm
             spike = good & (norm > self.SPIKE * self.ema)
             self.spikes += spike.float()
@@ -190,34 +151,6 @@ class Health:
         self.spikes.zero_()
         self.max_spike.zero_()
         return int(skipped), int(streak), int(spikes), top
-
-
-# --------------------------------------------------------------------------------------------------
-# evaluation
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, data: TokenData, windows: list[tuple[int, int]], block_size: int, batch_size: int,
-    device: torch.device, dtype: torch.dtype, d: Dist,
-) -> tuple[float, float]:
-    """(mean val loss in nats per token, bits per byte) over fixed windows shared across processes."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, tokens
-    mine = windows[d.rank :: d.world]
-    for i in range(0, len(mine), batch_size):
-        chunk = mine[i : i + batch_size]
-        rows = np.stack([data.val.arrays[s][o : o + block_size + 1] for s, o in chunk]).astype(np.int64)
-        batch = torch.from_numpy(rows).to(device)
-        with autocast(device, dtype):
-            loss = model(batch[:, :-1], batch[:, 1:]).loss
-        total[0] += loss.double() * batch[:, 1:].numel()
-        total[1] += batch[:, 1:].numel()
-    if d.world > 1:
-        dist.all_reduce(total)
-    model.train()
-    loss = float(total[0] / total[1])
-    return loss, loss / math.log(2) / data.bytes_per_token
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,6 +178,15 @@ def train(cfg: TrainConfig, overrides: dict[str, Any]) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+@dataclasses.dataclass
+class Stop:
+    """Why the loop ended, and how."""
+
+    reason: str = "max steps"
+    failed: bool = False
+    interrupted: bool = False
+
+
 class Trainer:
     """One run: `__init__` builds or restores everything, `run` loops over `train_step`, `log_step`,
     `validate` and `save` until the steps, the time or the patience run out, or Ctrl-C."""
@@ -255,95 +197,100 @@ class Trainer:
         self.data = data = TokenData(cfg.data)
         self.name = cfg.name or f"{data.folder.parent.name}-{data.folder.name}-{cfg.preset}"
         self.run_dir = Path(cfg.runs_dir) / self.name
-        self.tokenizer_json = data.folder / "tokenizer.json"
 
-        # The model: from the checkpoint when resuming, else preset + overrides.
-        state: dict[str, Any] = {}
-        if cfg.resume:
-            folder = find_checkpoint(self.run_dir, "last")
-            state = read_trainer_state(folder)
-            model, saved = load_model(folder, "cpu")
-            if saved["data"]["tokenizer_sha256"] != data.meta["tokenizer_sha256"]:
-                raise UserError(f"run {self.run_dir} was trained on other token data; pass the same --data to resume.")
-            mcfg = model.cfg
-        else:
-            if (self.run_dir / "last").exists() and d.main:
-                console.print(f"[yellow]{self.run_dir} already holds a run; starting over (use --resume to continue it)[/]")
-            mcfg = model_config(cfg.preset, data.vocab_size, overrides)
-            torch.manual_seed(cfg.seed)
-            model = GPT(mcfg)
-        self.mcfg = mcfg
-        data.check_context(mcfg.block_size)
+        state, model = self._restore_model() if cfg.resume else ({}, self._new_model(overrides))
+        self.mcfg: ModelConfig = model.cfg
+        data.check_context(self.mcfg.block_size)
         model.grad_checkpoint = cfg.grad_checkpoint
-        model.to(device)
-        self.raw_model = model  # saved and sampled from: never the compiled or DDP wrapper
+        self.raw_model = model.to(device)  # saved and sampled from: never the compiled or DDP wrapper
         self.optimizer = make_optimizer(model, cfg, device)
-        if cfg.resume:
-            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
-
-        self.rows_per_step, accum = accumulation(cfg, mcfg.block_size, d.world)
-        self.tokens_per_step = self.rows_per_step * mcfg.block_size
-        self.sampler = BatchSampler(data.train, mcfg.block_size, cfg.seed)
-        self.windows = eval_windows(data.val, mcfg.block_size, cfg.eval_tokens)
-        if cfg.resume:
-            self.sampler.set_state(state["sampler"])
-            torch.set_rng_state(torch.tensor(state["torch_rng"][d.rank % len(state["torch_rng"])], dtype=torch.uint8))
-            if device.type == "cuda" and state.get("cuda_rng"):
-                cuda_rng = state["cuda_rng"][d.rank % len(state["cuda_rng"])]
-                torch.cuda.set_rng_state(torch.tensor(cuda_rng, dtype=torch.uint8), device)
-        else:
-            torch.manual_seed(cfg.seed + d.rank)  # dropout differs per process, weights do not
-
-        self.model: torch.nn.Module = model
-        if cfg.compile and device.type == "cuda":
-            self.model = torch.compile(self.model, mode=cfg.compile_mode)
-        if d.world > 1:
-            self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.peak = peak_flops(device)
-        self.flops_per_step = model.flops_per_token() * self.tokens_per_step
-        self.config_json = {
-            "model": dataclasses.asdict(mcfg),
-            "train": dataclasses.asdict(cfg),
-            "data": {k: data.meta[k] for k in ("kind", "vocab_size", "eot_id", "pad_id", "tokenizer_sha256", "dataset")}
-            | {"folder": str(data.folder), "bytes_per_token": data.bytes_per_token},
-        }
+        self.rows_per_step, self.accum = accumulation(cfg, self.mcfg.block_size, d.world)
+        self.tokens_per_step = self.rows_per_step * self.mcfg.block_size
+        self.micro_bs = cfg.batch_size
+        self.sampler = BatchSampler(data.train, self.mcfg.block_size, cfg.seed)
+        self.windows = eval_windows(data.val, self.mcfg.block_size, cfg.eval_tokens)
+        self._restore_state(state)
+        self.eval_model, self.model = self._wrap(model)
 
-        # Where the run stands: restored when resuming.
+        # where the run stands: restored when resuming
         self.step = self.start_step = state.get("step", 0)
         self.best = state.get("best_val_loss", float("inf"))
         self.best_bpb = state.get("best_val_bpb", float("inf"))
         self.bad_evals = state.get("bad_evals", 0)
         self.elapsed_before = state.get("train_seconds", 0.0)
-        self.micro_bs = cfg.batch_size
         self.health = Health(device)
         self.skipped_reported = 0
         self.loss_sum = torch.zeros((), device=device)  # summed on the device, read at log steps
+        self.peak = peak_flops(device)
+        self.flops_per_step = model.flops_per_token() * self.tokens_per_step
+        self.config_json = {
+            "model": dataclasses.asdict(self.mcfg),
+            "train": dataclasses.asdict(cfg),
+            "data": {k: data.meta[k] for k in ("kind", "vocab_size", "eot_id", "tags", "tokenizer_sha256", "dataset")}
+            | {"folder": str(data.folder)},
+        }
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.tok = load_tokenizer(self.tokenizer_json) if d.main else None
+        self.tok = load_tokenizer(data.tokenizer_json) if d.main else None
         if d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _trim_metrics(self.metrics_path, self.start_step if cfg.resume else 0)
-            _print_header(cfg, mcfg, model, data, device, self.dtype, d, self.rows_per_step, accum, self.run_dir,
-                          self.start_step)
+            self._print_header()
+
+    # building and restoring
+
+    def _new_model(self, overrides: dict[str, Any]) -> GPT:
+        if (self.run_dir / "last").exists() and self.d.main:
+            console.print(f"[yellow]{self.run_dir} already holds a run; starting over (use --resume to continue it)[/]")
+        torch.manual_seed(self.cfg.seed)
+        return GPT(model_config(self.cfg.preset, self.data.vocab_size, overrides))
+
+    def _restore_model(self) -> tuple[dict[str, Any], GPT]:
+        self.resume_folder = folder = find_checkpoint(self.run_dir, "last")
+        state = read_trainer_state(folder)
+        model, saved = load_model(folder, "cpu")
+        if saved["data"]["tokenizer_sha256"] != self.data.meta["tokenizer_sha256"]:
+            raise UserError(f"run {self.run_dir} was trained on other token data; pass the same --data to resume.")
+        return state, model
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
+        """Optimizer, scaler, batch sampler and RNG streams as the checkpoint left them (or fresh seeds)."""
+        if not state:
+            torch.manual_seed(self.cfg.seed + self.d.rank)  # dropout differs per process, weights do not
+            return
+        optimizer_state = torch.load(self.resume_folder / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(optimizer_state)
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.sampler.set_state(state["sampler"])
+        rank = self.d.rank
+        torch.set_rng_state(torch.tensor(state["torch_rng"][rank % len(state["torch_rng"])], dtype=torch.uint8))
+        if self.device.type == "cuda" and state.get("cuda_rng"):
+            cuda_rng = state["cuda_rng"][rank % len(state["cuda_rng"])]
+            torch.cuda.set_rng_state(torch.tensor(cuda_rng, dtype=torch.uint8), self.device)
+
+    def _wrap(self, model: GPT) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(the model evaluation runs, the model training runs): compiled on CUDA, and under DDP for training.
+        The rotary tables are derived buffers, identical everywhere: DDP need not broadcast them."""
+        compiled: torch.nn.Module = model
+        if self.cfg.compile and self.device.type == "cuda":
+            compiled = torch.compile(model, mode=self.cfg.compile_mode)
+        if self.d.world == 1:
+            return compiled, compiled
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return compiled, DDP(compiled, device_ids=ids, broadcast_buffers=False)
 
     # checkpoints and records
 
     def trainer_state(self, elapsed: float) -> dict[str, Any]:
         d, device = self.d, self.device
         rng = [torch.get_rng_state()]
-        if d.world > 1:  # each process's dropout RNG, so every process resumes its own stream
-            gathered: list[Any] = [None] * d.world
-            dist.all_gather_object(gathered, rng[0])
-            rng = gathered
         cuda_rng = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
-        if d.world > 1 and cuda_rng:
-            gathered_cuda: list[Any] = [None] * d.world
-            dist.all_gather_object(gathered_cuda, cuda_rng[0])
-            cuda_rng = gathered_cuda
+        if d.world > 1:  # each process's dropout RNG, so every process resumes its own stream
+            rng, cuda_rng = _gather(rng[0], d.world), _gather(cuda_rng[0], d.world) if cuda_rng else []
         return {
             "step": self.step, "sampler": self.sampler.state(), "torch_rng": [r.tolist() for r in rng],
-            "cuda_rng": [r.tolist() for r in cuda_rng],
+            "cuda_rng": [r.tolist() for r in cuda_rng], "scaler": self.scaler.state_dict() or None,
             "best_val_loss": self.best, "best_val_bpb": self.best_bpb, "bad_evals": self.bad_evals,
             "train_seconds": elapsed, "tokens_seen": self.step * self.tokens_per_step,
         }
@@ -354,11 +301,10 @@ class Trainer:
         if not self.d.main:
             return True
         cfg_out = self.config_json | {"step": self.step, **(extra or {})}
+        last = tag == "last"
         try:
-            if tag == "last":
-                save_checkpoint(self.run_dir, "last", self.raw_model, cfg_out, self.tokenizer_json, self.optimizer, st)
-            else:
-                save_checkpoint(self.run_dir, tag, self.raw_model, cfg_out, self.tokenizer_json)
+            save_checkpoint(self.run_dir, tag, self.raw_model, cfg_out, self.data.tokenizer_json,
+                            self.optimizer if last else None, st if last else None)
             return True
         except OSError as e:
             console.print(f"[bold red]could not write checkpoint '{tag}' at step {self.step} ({e.strerror or e}); "
@@ -383,45 +329,49 @@ class Trainer:
         return batch.to(self.device, non_blocking=True)
 
     def train_step(self, lr: float) -> torch.Tensor:
-        """Gradients of one batch, clipped, and the update (skipped when not finite); returns the norm."""
-        cfg, d, optimizer = self.cfg, self.d, self.optimizer
-        for group in optimizer.param_groups:
+        """Gradients of one batch, clipped, then the update (skipped when not finite); returns the norm
+        before clipping."""
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.batch()
-        per_rank = self.rows_per_step // d.world
-        while True:  # a CUDA out-of-memory error halves the micro-batch and retries the same rows
-            try:
-                self.loss_sum += _forward_backward(self.model, batch, self.micro_bs, self.device, self.dtype,
-                                                   self.scaler, d.world)
-                break
-            except torch.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
-                if self.micro_bs == 1 or d.world > 1:
-                    raise UserError(
-                        "out of GPU memory" + (" with one sequence per micro-batch" if self.micro_bs == 1 else " under torchrun")
-                        + "; use a smaller --batch-size or model, --block-size, or --grad-checkpoint."
-                    ) from None
-                self.micro_bs //= 2
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if d.main:
-                    console.print(f"[yellow]out of memory at step {self.step + 1}: micro-batch {self.micro_bs * 2} -> "
-                                  f"{self.micro_bs}, accumulation {per_rank // (self.micro_bs * 2)} -> "
-                                  f"{per_rank // self.micro_bs} (same batch)[/]")
-        self.scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip or float("inf"))
-        skip = self.health.check(norm)
+        loss = self._gradients(self.batch())
+        self.loss_sum += loss
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip or float("inf"))
+        bad = self.health.check(norm, loss, self.scaler.is_enabled())
         if self.scaler.is_enabled():  # fp16: the scaler skips non-finite steps itself, and lowers its scale
-            self.scaler.step(optimizer)
+            self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif optimizer.defaults.get("fused"):
-            optimizer.found_inf = skip  # type: ignore[attr-defined]  # the kernel skips on the device
-            optimizer.step()
-        elif not skip.item():
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        elif self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = bad  # type: ignore[attr-defined]  # the kernel skips on the device
+            self.optimizer.step()
+        elif not bad.item():
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return norm
+
+    def _gradients(self, batch: torch.Tensor) -> torch.Tensor:
+        """Gradients of `batch`: a CUDA out-of-memory error halves the micro-batch and retries the same rows."""
+        while True:
+            try:
+                return forward_backward(self.model, batch, self.micro_bs, self.device, self.dtype, self.scaler,
+                                        self.d.world)
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._halve_micro_batch(batch.size(0))
+
+    def _halve_micro_batch(self, rows: int) -> None:
+        if self.micro_bs == 1 or self.d.world > 1:
+            raise UserError(
+                "out of GPU memory" + (" with one sequence per micro-batch" if self.micro_bs == 1 else " under torchrun")
+                + "; use a smaller --batch-size or model, --block-size, or --grad-checkpoint."
+            ) from None
+        before, self.micro_bs = self.micro_bs, self.micro_bs // 2
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.d.main:
+            console.print(f"[yellow]out of memory at step {self.step + 1}: micro-batch {before} -> {self.micro_bs}, "
+                          f"accumulation {-(-rows // before)} -> {-(-rows // self.micro_bs)} (same batch)[/]")
 
     # what happens between steps
 
@@ -455,158 +405,185 @@ class Trainer:
             return f"{streak} updates in a row had a non-finite loss or gradient"
         return None
 
-    def validate(self, elapsed: float) -> tuple[float, float, bool]:
-        """Val loss and bits per byte; saves `best` when better. Returns (loss, bpb, out of patience)."""
-        cfg = self.cfg
-        val_loss, val_bpb = evaluate(self.model, self.data, self.windows, self.mcfg.block_size, cfg.batch_size,
-                                     self.device, self.dtype, self.d)
-        improved = val_loss < self.best
+    def validate(self, elapsed: float) -> tuple[Score, bool]:
+        """Val loss and bits per byte; saves `best` when better. Returns (score, out of patience)."""
+        score = evaluate(self.eval_model, self.data, self.windows, self.mcfg.block_size, self.cfg.batch_size,
+                         self.device, self.dtype, self.d)
+        improved = score.loss < self.best
         if improved:
-            self.best, self.best_bpb, self.bad_evals = val_loss, val_bpb, 0
+            self.best, self.best_bpb, self.bad_evals = score.loss, score.bpb, 0
         else:
             self.bad_evals += 1
         if self.d.main:
-            console.print(f"[bold]eval[/] step {self.step} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}"
+            console.print(f"[bold]eval[/] step {self.step} | val loss {score.loss:.4f} | val bpb {score.bpb:.4f}"
                           + (" *" if improved else ""))
-        self.log({"step": self.step, "val_loss": round(val_loss, 6), "val_bpb": round(val_bpb, 6)})
+        self.log({"step": self.step, "val_loss": round(score.loss, 6), "val_bpb": round(score.bpb, 6)})
         if improved:
-            self.save("best", elapsed, {"val_loss": val_loss, "val_bpb": val_bpb})
-        return val_loss, val_bpb, bool(cfg.patience and self.bad_evals >= cfg.patience)
+            self.save("best", elapsed, {"val_loss": score.loss, "val_bpb": score.bpb})
+        return score, bool(self.cfg.patience and self.bad_evals >= self.cfg.patience)
 
     def sample(self) -> None:
         eot = self.data.meta["eot_id"]
+        was_training = self.raw_model.training
         self.raw_model.eval()  # no dropout while sampling; eager decoding: 64 tokens do not pay for a graph
         ids = generate(self.raw_model, [eot], 64, Sampling(0.8, top_k=50), eot=eot, seed=self.step, graph=False)
-        self.raw_model.train()
+        self.raw_model.train(was_training)
         assert self.tok is not None
         console.print(f"[dim]sample:[/] {self.tok.decode(ids[0], skip_special_tokens=False)!r}")
 
     # the loop
 
     def run(self) -> dict[str, Any]:
-        cfg, d, device = self.cfg, self.d, self.device
-        sample_every = cfg.sample_every or cfg.eval_every
-        save_every = cfg.save_every or cfg.eval_every
+        cfg = self.cfg
         self.model.train()
-        last_eval = None
-        t_start = time.perf_counter()
-        t_log, step_log = t_start, self.step
-        stop_reason = "max steps"
-        failed = interrupted = out_of_time = sigint = False
-        time_used = 0.0
-        previous_handler = signal.getsignal(signal.SIGINT)
-
-        def on_sigint(signum: int, frame: Any) -> None:  # finish the step, then save and stop
-            nonlocal sigint
-            sigint = True
-
-        # Every process: a terminal's Ctrl-C reaches them all, and they agree to stop through all_reduce.
-        # Under torchrun they agree on the clock and on stopping at log steps only: no sync in every step.
-        signal.signal(signal.SIGINT, on_sigint)
-        # A bar on a terminal; in a log file the dense lines say it all.
-        bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       console=console, transient=True, disable=not (d.main and console.is_terminal))
-        bar_task = bar.add_task("train", total=cfg.max_steps, completed=self.step)
-        bar.start()
-        try:
+        self.t_start = time.perf_counter()
+        t_log, step_log = self.t_start, self.step
+        stop: Stop | None = None
+        last_eval: Score | None = None
+        with self._stop_on_ctrl_c(), self._progress_bar() as bar:
             while self.step < cfg.max_steps:
-                if cfg.max_minutes and (d.world == 1 or self.step % cfg.log_every == 0 or self.step == step_log):
-                    time_used = (self.elapsed_before + time.perf_counter() - t_start) / (cfg.max_minutes * 60)
-                    if d.world > 1:  # the same learning rate on every process
-                        t = torch.tensor([time_used], device=device)
-                        dist.broadcast(t, 0)
-                        time_used = float(t)
-                lr = lr_at(self.step, cfg, time_used)
+                lr = lr_at(self.step, cfg, self._time_used(first=self.step == step_log))
                 norm = self.train_step(lr)
-                step = self.step
-                bar.update(bar_task, completed=step)
+                bar(self.step)
 
-                elapsed = self.elapsed_before + time.perf_counter() - t_start
-                if d.world == 1 or step % cfg.log_every == 0 or step == cfg.max_steps:
-                    interrupted, out_of_time = sigint, bool(cfg.max_minutes and elapsed >= cfg.max_minutes * 60)
-                    if d.world > 1:  # every process must agree to stop
-                        flags = torch.tensor([float(interrupted), float(out_of_time)], device=device)
-                        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                        interrupted, out_of_time = bool(flags[0]), bool(flags[1])
-
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    now = time.perf_counter()
-                    unhealthy = self.log_step(lr, norm, step - step_log, now - t_log)
-                    t_log, step_log = time.perf_counter(), step
-                    if unhealthy:
-                        stop_reason, failed = unhealthy, True
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    unhealthy = self.log_step(lr, norm, self.step - step_log, time.perf_counter() - t_log)
+                    t_log, step_log = time.perf_counter(), self.step
+                    if unhealthy:  # no save: the last good checkpoint stays as it is
+                        stop = Stop(unhealthy, failed=True)
                         break
 
-                final = step == cfg.max_steps or interrupted or out_of_time
+                stop = self._should_stop()
                 t_between = time.perf_counter()  # evaluation, samples and saves stay out of ms/step
-                if step % cfg.eval_every == 0 or (final and not interrupted):
-                    *last_eval, patience_out = self.validate(elapsed)
-                    if patience_out:
-                        stop_reason = f"no better val loss in {cfg.patience} evaluations"
-                        final = True
-                if d.main and self.tok is not None and (step % sample_every == 0 or (final and not interrupted)):
-                    self.sample()
-                if step % save_every == 0 or final:
-                    saved = self.save("last", elapsed)
-                    if final and not saved:
-                        failed = True
-                        stop_reason += " (the final checkpoint could not be written)"
+                last_eval, stop = self._between_steps(stop)
                 t_log += time.perf_counter() - t_between
-                if interrupted:
-                    stop_reason = "interrupted"
+                if stop:
                     break
-                if out_of_time:
-                    stop_reason = f"time limit of {cfg.max_minutes:g} minutes"
-                    break
-                if final:
-                    break
-        finally:
-            bar.stop()
-            signal.signal(signal.SIGINT, previous_handler)
-        return self.finish(self.elapsed_before + time.perf_counter() - t_start, stop_reason, failed, interrupted,
-                           last_eval)
+        return self.finish(stop or Stop(), last_eval)
 
-    def finish(self, elapsed: float, stop_reason: str, failed: bool, interrupted: bool,
-               last_eval: list[float] | None) -> dict[str, Any]:
+    def _between_steps(self, stop: Stop | None) -> tuple[Score | None, Stop | None]:
+        """Evaluation, samples and checkpoints due after this step (all of them when the run ends,
+        except after Ctrl-C, which only saves)."""
+        cfg, elapsed, score = self.cfg, self._elapsed(), None
+        wrap_up = stop is not None and not stop.interrupted
+        if self.step % cfg.eval_every == 0 or wrap_up:
+            score, out_of_patience = self.validate(elapsed)
+            if out_of_patience and stop is None:
+                stop = Stop(f"no better val loss in {cfg.patience} evaluations")
+                wrap_up = True
+        if self.d.main and (self.step % (cfg.sample_every or cfg.eval_every) == 0 or wrap_up):
+            self.sample()
+        if self.step % (cfg.save_every or cfg.eval_every) == 0 or stop is not None:
+            saved = self.save("last", elapsed)
+            if stop is not None and not saved:
+                stop.failed = True
+                stop.reason += " (the final checkpoint could not be written)"
+        return score, stop
+
+    def _should_stop(self) -> Stop | None:
+        """Ctrl-C, the time budget or the last step. Under torchrun the processes agree at log steps only
+        (no sync in every step), so a stop there can come up to --log-every steps later."""
+        cfg, d = self.cfg, self.d
+        if self.step == cfg.max_steps:
+            return Stop()
+        if d.world > 1 and self.step % cfg.log_every:
+            return None
+        interrupted = self.sigint
+        out_of_time = bool(cfg.max_minutes and self._elapsed() >= cfg.max_minutes * 60)
+        if d.world > 1:  # every process must agree to stop
+            flags = torch.tensor([float(interrupted), float(out_of_time)], device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            interrupted, out_of_time = bool(flags[0]), bool(flags[1])
+        if interrupted:
+            return Stop("interrupted", interrupted=True)
+        if out_of_time:
+            return Stop(f"time limit of {cfg.max_minutes:g} minutes")
+        return None
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def _time_used(self, first: bool) -> float:
+        """The share of --max-minutes spent, for the learning rate; under torchrun it is rank 0's clock,
+        read at log steps (and the first step), so every process uses the same learning rate."""
+        cfg, d = self.cfg, self.d
+        if not cfg.max_minutes:
+            return 0.0
+        if d.world > 1 and not (first or self.step % cfg.log_every == 0):
+            return self.time_used
+        self.time_used = self._elapsed() / (cfg.max_minutes * 60)
+        if d.world > 1:
+            t = torch.tensor([self.time_used], device=self.device)
+            dist.broadcast(t, 0)
+            self.time_used = float(t)
+        return self.time_used
+
+    @contextlib.contextmanager
+    def _stop_on_ctrl_c(self) -> Iterator[None]:
+        """Ctrl-C finishes the step, then saves and stops. Every process gets the terminal's Ctrl-C, and
+        they agree to stop through an all_reduce."""
+        self.sigint = False
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            self.sigint = True
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    @contextlib.contextmanager
+    def _progress_bar(self) -> Iterator[Any]:
+        """A bar on a terminal; in a log file the dense step lines say it all."""
+        if not (self.d.main and console.is_terminal):
+            yield lambda step: None
+            return
+        bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       console=console, transient=True)
+        task = bar.add_task("train", total=self.cfg.max_steps, completed=self.step)
+        with bar:
+            yield lambda step: bar.update(task, completed=step)
+
+    def finish(self, stop: Stop, last_eval: Score | None) -> dict[str, Any]:
         """The summary (and, on the main process, the loss plot and what to do next)."""
         cfg, step = self.cfg, self.step
         summary = {
-            "run": str(self.run_dir), "steps": step, "stop_reason": stop_reason,
+            "run": str(self.run_dir), "steps": step, "stop_reason": stop.reason,
             "best_val_loss": self.best, "best_val_bpb": self.best_bpb,
-            "last_val_loss": last_eval[0] if last_eval else None,
-            "tokens_seen": step * self.tokens_per_step, "train_seconds": elapsed,
+            "last_val_loss": last_eval.loss if last_eval else None,
+            "tokens_seen": step * self.tokens_per_step, "train_seconds": self._elapsed(),
             "params": self.raw_model.num_params(), "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."), "failed": failed, "main": self.d.main,
+            "dtype": dtype_name(self.dtype), "failed": stop.failed, "main": self.d.main,
         }
         if self.d.main:
             _plot(self.metrics_path, self.run_dir / "loss.png")
             resume = f"python 03_train.py --data {cfg.data} --runs-dir {cfg.runs_dir} --name {self.name} --resume"
-            if interrupted:
+            if stop.interrupted:
                 console.print(f"[yellow]interrupted at step {step}; saved {self.run_dir}/last. Resume with: {resume}[/]")
-            if failed:
-                console.print(f"[bold red]stopped: {stop_reason}. The last good checkpoint is in {self.run_dir}/last; "
+            if stop.failed:
+                console.print(f"[bold red]stopped: {stop.reason}. The last good checkpoint is in {self.run_dir}/last; "
                               f"lower --lr or try --dtype fp32, then: {resume}[/]")
         return summary
 
+    def _print_header(self) -> None:
+        cfg, mcfg, data, d = self.cfg, self.mcfg, self.data, self.d
+        compiled = f" compiled ({cfg.compile_mode})" if cfg.compile and self.device.type == "cuda" else ""
+        console.print(f"[bold]train[/] {dataclasses.asdict(cfg)}")
+        console.print(f"[bold]model[/] {dataclasses.asdict(mcfg)}")
+        console.print(
+            f"{human_count(self.raw_model.num_params())} parameters | {data.folder} ({data.meta['kind']}, vocab "
+            f"{data.vocab_size}, train {human_count(data.train.tokens)} / val {human_count(data.val.tokens)} tokens) | "
+            f"{self.device} {dtype_name(self.dtype)}{compiled} | {d.world} process(es) | {self.tokens_per_step:,} "
+            f"tokens/step = {self.rows_per_step} x {mcfg.block_size} ({self.accum} accumulation) | run {self.run_dir}"
+            + (f" | resuming at step {self.start_step}" if self.start_step else "")
+        )
 
-def _forward_backward(
-    model: torch.nn.Module, batch: torch.Tensor, micro_bs: int, device: torch.device, dtype: torch.dtype,
-    scaler: torch.amp.GradScaler, world: int,
-) -> torch.Tensor:
-    """Gradients of one optimizer step's rows, `micro_bs` rows at a time; returns the mean loss (on device)."""
-    accum = batch.size(0) // micro_bs
-    total = torch.zeros((), device=device)
-    for micro in range(accum):
-        rows = batch[micro * micro_bs : (micro + 1) * micro_bs]
-        sync = micro == accum - 1 or world == 1  # DDP all-reduces gradients on the last micro-batch only
-        # Under --compile-mode reduce-overhead this tells the CUDA graphs the last outputs are no longer
-        # needed (a no-op otherwise).
-        torch.compiler.cudagraph_mark_step_begin()
-        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
-            loss = model(rows[:, :-1], rows[:, 1:]).loss / accum
-        scaler.scale(loss).backward()
-        total += loss.detach()  # read at log steps only: no host sync per step
-    return total
+
+def _gather(t: torch.Tensor, world: int) -> list[Any]:
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, t)
+    return out
 
 
 def _trim_metrics(path: Path, keep_through: int) -> None:
@@ -621,21 +598,6 @@ def _trim_metrics(path: Path, keep_through: int) -> None:
                 kept.append(ln)
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write("".join(k + "\n" for k in kept))
-
-
-def _print_header(
-    cfg: TrainConfig, mcfg: ModelConfig, model: GPT, data: TokenData, device: torch.device, dtype: torch.dtype,
-    d: Dist, rows_per_step: int, accum: int, run_dir: Path, start_step: int,
-) -> None:
-    console.print(f"[bold]train[/] {dataclasses.asdict(cfg)}")
-    console.print(f"[bold]model[/] {dataclasses.asdict(mcfg)}")
-    console.print(
-        f"{human_count(model.num_params())} parameters | {data.folder} ({data.meta['kind']}, vocab {data.vocab_size}, "
-        f"train {human_count(data.train.tokens)} / val {human_count(data.val.tokens)} tokens) | {device} {str(dtype)[6:]}"
-        f"{f' compiled ({cfg.compile_mode})' if cfg.compile and device.type == 'cuda' else ''} | {d.world} process(es) | "
-        f"{rows_per_step * mcfg.block_size:,} tokens/step = {rows_per_step} x {mcfg.block_size} ({accum} accumulation) | "
-        f"run {run_dir}" + (f" | resuming at step {start_step}" if start_step else "")
-    )
 
 
 def _plot(metrics: Path, out: Path) -> None:

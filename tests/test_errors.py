@@ -16,11 +16,11 @@ import torch
 from conftest import assert_user_error, run_script, toy_documents
 from test_prepare import make_leipzig
 
-from minigpt.common import sha256_file
 from minigpt.config import PrepareConfig, TokenizerConfig, TrainConfig
 from minigpt.corpus import prepare
 from minigpt.tokenizer import build
 from minigpt.train import train
+from minigpt.utils import sha256_file
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minigpt.common import UserError
-from minigpt.config import ModelConfig, model_config
+from minigpt.config import ModelConfig, Sampling, model_config
 from minigpt.generate import (
     Decoder,
-    Sampling,
     draw_noise,
     generate,
     generate_many,
     generate_reference,
     next_token,
-    pad_prompts,
 )
 from minigpt.model import GPT, KVCache
+from minigpt.utils import UserError
 
 
 def small(**kw) -> GPT:
@@ -54,25 +52,45 @@ def test_kv_cache_sampling_matches_reference_with_the_same_seed() -> None:
 
 
 def test_prompts_of_different_lengths_in_one_batch_match_each_alone() -> None:
-    """Left padding is invisible: each row's greedy tokens are those of its prompt alone (the penalty
-    and untied head keep greedy off trivial repeats, so a mask that leaked padding would show)."""
+    """Each row keeps its own position: its greedy tokens are those of its prompt alone, within the context
+    (against the reference) and past it, where each row slides its own context when it fills up (the
+    penalty and untied head keep greedy off trivial repeats, so a leak between rows would show)."""
     model = small(tie_embeddings=False)
-    prompts = [[5, 17, 3, 88, 42, 7], [9], list(range(1, 21))]
+    prompts = [[5, 17, 3, 88, 42, 7], [9], list(range(1, 21)), list(range(30, 90))]  # the last > context (48)
     s = Sampling(temperature=0, repetition_penalty=1.5)
-    batched = generate_many(model, prompts, 25, s, rows=2)
-    assert batched == [generate_reference(model, p, 25, s, rows=2) for p in prompts]
-    # past the context (48) every row slides with the longest, whose tokens stay those of its run alone
-    long = generate_many(model, prompts, 60, s)
-    assert [len(r[0]) for r in long] == [60] * 3 and long[2] == generate(model, prompts[2], 60, s)
-    # and the padding left in the window after a slide stays hidden: 20 prompt + 28 decoded slots fill
-    # the context at the 29th token; keeping 36 of the 49 cuts 13 slots, so pads of 14/19/0 become 1/6/0
-    dec = Decoder(model, 3, 35, s, graph=False)
-    idx, first = pad_prompts(prompts, 1, torch.device("cpu"))
-    dec.run(idx, first=first)
-    assert dec.cache.first.tolist() == [1, 6, 0] and dec.cache.padded
-    assert generate_many(model, prompts, 0, s) == [[[]]] * 3
+    batched = generate_many(model, prompts[:3], 25, s, rows=2)
+    assert batched == [generate_reference(model, p, 25, s, rows=2) for p in prompts[:3]]
+    long = generate_many(model, prompts, 90, s)  # every row slides, each at its own step
+    assert [len(r[0]) for r in long] == [90] * 4
+    assert long == [[generate(model, p, 90, s)[0]] for p in prompts]
+    assert generate_many(model, prompts, 0, s) == [[[]]] * 4
     with pytest.raises(UserError, match="prompt is empty"):
         generate_many(model, [[1], []], 5, s)
+
+
+def test_every_decode_step_gives_the_logits_of_its_window() -> None:
+    """The Decoder's logits at every step equal a plain forward over the tokens its row holds: the whole
+    sequence within the context, then, past it, the last 3/4 of a context after each slide, growing by one
+    token a step until the next slide. Logits, not argmax: a position or window that is off by one shows."""
+    model = small(tie_embeddings=False)
+    T, prompts = model.cfg.block_size, [list(range(1, 41)), [7, 8, 9]]
+    dec = Decoder(model, 2, 70, Sampling(temperature=0.9, top_k=40), gen=torch.Generator().manual_seed(3), graph=False)
+    captured, decode = [], model.decode
+    model.decode = lambda tok, pos, cache: captured.append(decode(tok, pos, cache)) or captured[-1]
+    try:
+        out = dec.run(prompts).tolist()
+    finally:
+        del model.decode
+    keep = dec.keep
+    assert keep == 36 and len(captured) == 70
+    for row, prompt in enumerate(prompts):
+        seq = prompt + out[row]
+        for t in range(70):
+            before = len(prompt) + t  # tokens before token t
+            window = before if before <= T else keep + (before - T - 1) % (T - keep + 1)
+            with torch.no_grad():
+                expected = model(torch.tensor([seq[before - window : before]])).logits[0, -1]
+            torch.testing.assert_close(captured[t][row], expected, rtol=1e-4, atol=1e-4, msg=f"row {row} token {t}")
 
 
 def test_cache_prefill_in_chunks_equals_one_forward() -> None:
@@ -94,7 +112,7 @@ def test_decode_step_matches_the_full_forward() -> None:
     with torch.no_grad():
         full = model(x).logits
         last = model(x[:, :5], cache=cache, last_only=True).logits  # a prompt, then single tokens
-        steps = [model.decode(x[:, t], torch.tensor(t), cache) for t in range(5, 48)]
+        steps = [model.decode(x[:, t], torch.full((3,), t), cache) for t in range(5, 48)]
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 5:], rtol=1e-4, atol=1e-5)
     assert last.shape == (3, 1, 97)
     torch.testing.assert_close(last[:, 0], full[:, 4], rtol=1e-4, atol=1e-5)
@@ -108,7 +126,7 @@ def test_decode_step_traces_whole_with_no_host_sync() -> None:
     for s in (Sampling(temperature=0), Sampling(temperature=0.9, top_k=10, top_p=0.9, repetition_penalty=1.2)):
         dec = Decoder(model, 2, 30, s, eot=96, gen=torch.Generator().manual_seed(0), graph=False)
         dec.step_fn = torch.compile(dec._step, fullgraph=True, dynamic=False, backend="eager")
-        out = [r[: r.index(96)] if 96 in r else r for r in dec.run(torch.tensor([[1, 2, 3]] * 2)).tolist()]
+        out = [r[: r.index(96)] if 96 in r else r for r in dec.run([[1, 2, 3]] * 2).tolist()]
         assert out == generate_reference(model, [1, 2, 3], 30, s, rows=2, eot=96, seed=0)
 
 

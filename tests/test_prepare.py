@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from conftest import CODE, assert_user_error, run_script, toy_documents
 
-from minigpt.common import UserError
 from minigpt.config import PrepareConfig
 from minigpt.corpus import (
     DOC_SEP,
@@ -28,6 +27,7 @@ from minigpt.corpus import (
     prepare,
     stdlib_files,
 )
+from minigpt.utils import UserError
 
 
 def docs(out: Path, split: str) -> list[str]:

@@ -10,15 +10,24 @@ import pytest
 import torch
 from conftest import assert_user_error, run_script, toy_documents
 
-from minigpt.checkpoint import find_checkpoint, load_model
-from minigpt.common import sha256_file
-from minigpt.config import PrepareConfig, TokenizerConfig, TrainConfig
+from minigpt.checkpoint import find_checkpoint, load_model, load_run
+from minigpt.config import PrepareConfig, Sampling, TokenizerConfig, TrainConfig
 from minigpt.corpus import prepare
-from minigpt.generate import Sampling, generate, load_run
-from minigpt.model import GPT
-from minigpt.quantize import Int8Linear, dequantize, int8_path, int8_tensors, quantize_int8, to_int8_model
+from minigpt.generate import generate
+from minigpt.model import (
+    GPT,
+    Int8Linear,
+    KVCache,
+    dequantize,
+    int8_matmul,
+    quantize_int8,
+    set_inference_dtype,
+    to_int8,
+)
+from minigpt.quantize import int8_tensors
 from minigpt.tokenizer import build
 from minigpt.train import train
+from minigpt.utils import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +71,15 @@ def test_save_load_round_trip_is_exact(run: Path, tmp_path: Path) -> None:
 def test_int8_generation_matches_its_dequantized_reference(run: Path) -> None:
     model, _ = load_model(find_checkpoint(run, "best"))
     tensors = int8_tensors(model)
-    q = to_int8_model(GPT(model.cfg), tensors).eval()
+    q = to_int8(GPT(model.cfg), tensors).eval()
     ref = GPT(model.cfg).eval()  # plain fp32 model holding the dequantized weights
     ref.load_state_dict({k: dequantize(tensors[k], tensors[k.removesuffix(".weight") + ".scale"])
                          if k.removesuffix(".weight") + ".scale" in tensors else v
                          for k, v in model.state_dict().items() if k != "lm_head.weight"}, strict=False)
-    assert int8_path(q, torch.device("cuda")) == "int8 dequant"  # the weight-only path (no GPU needed to pick it)
+    assert int8_matmul(q, torch.device("cuda")) == "int8 dequant"  # the weight-only path (no GPU needed to pick it)
     greedy = Sampling(temperature=0)
     assert generate(q, [1, 5, 9], 25, greedy, rows=2) == generate(ref, [1, 5, 9], 25, greedy, rows=2)
-    path = int8_path(q, torch.device("cpu"))  # the CPU path runs and stays close
+    path = int8_matmul(q, torch.device("cpu"))  # the CPU path runs and stays close
     assert path in ("int8 cpu-dynamic", "int8 dequant")
     assert len(generate(q, [1, 5, 9], 25, greedy)[0]) == 25
     x = torch.randint(0, model.cfg.vocab_size, (2, 32))
@@ -124,16 +133,13 @@ def test_errors(run: Path, tmp_path: Path) -> None:
 
 def test_bf16_inference_for_float_and_int8_models(run: Path) -> None:
     """What CUDA inference does (bf16 activations and KV cache), checked here on CPU."""
-    from minigpt.generate import inference_dtype
-    from minigpt.model import KVCache
-
     model, _ = load_model(find_checkpoint(run, "best"))
-    q = to_int8_model(GPT(model.cfg), int8_tensors(model)).eval()
+    q = to_int8(GPT(model.cfg), int8_tensors(model)).eval()
     x = torch.randint(0, model.cfg.vocab_size, (2, 32))
     with torch.no_grad():
         ref = model.eval()(x).logits
         for m in (q, model):
-            assert inference_dtype(m, torch.bfloat16) == "bf16"
+            assert set_inference_dtype(m, torch.bfloat16) == "bf16"
             out = m(x).logits
             assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.25
             cache = KVCache(m.cfg, 1, 32, torch.device("cpu"), next(m.parameters()).dtype)

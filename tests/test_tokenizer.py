@@ -11,10 +11,11 @@ import pytest
 from conftest import ENGLISH, RUSSIAN, TATAR, assert_user_error, run_script, shared_corpus
 
 from minigpt.cli import Streamer
-from minigpt.common import UserError
 from minigpt.config import PrepareConfig, TokenizerConfig
 from minigpt.corpus import iter_documents, prepare
-from minigpt.tokenizer import EOT, SPLIT_PATTERN, build, load_tokenizer
+from minigpt.data import EOT, load_tokenizer
+from minigpt.tokenizer import SPLIT_PATTERN, build
+from minigpt.utils import UserError
 
 HARD = [
     ENGLISH, RUSSIAN, TATAR,

@@ -15,8 +15,8 @@ import torch
 from conftest import MODEL, MODEL_ARGS, ROOT, assert_user_error, losses, metrics, run_script, train_cfg
 
 from minigpt.checkpoint import find_checkpoint, load_model, save_checkpoint
-from minigpt.common import UserError
 from minigpt.train import train
+from minigpt.utils import UserError
 
 
 def test_loss_falls_and_run_folder_is_complete(tokens: Path, tmp_path: Path) -> None:
