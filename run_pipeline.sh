@@ -37,21 +37,22 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "== installing torch 2.13.0 (install your own build first to keep it)"
   "$PY" -m pip install -q torch==2.13.0
 fi
-if ! "$PY" -c "import importlib.metadata as m; m.version('minigpt'); import pytest, tokenizers, typer, rich, safetensors" 2>/dev/null; then
+if ! "$PY" -c "import importlib.metadata as m; m.version('minigpt'); import pytest, importlinter, tokenizers, typer, rich, safetensors" 2>/dev/null; then
   echo "== installing minigpt (editable) with its test tools"
   "$PY" -m pip install -q -e ".[dev]"
 fi
 [[ -n "$INSTALL_ONLY" ]] && exit 0
 
-# Defaults sized to finish in about 8 minutes on 2 CPU cores, or a bigger model on a GPU.
+# The training recipe for this machine (minigpt/config.py RECIPES): cpu is sized to finish in about
+# 8 minutes on 2 cores, gpu trains a bigger model. Options given here or after -- win over the recipe.
 if [[ "$DEVICE" == cuda* ]] || { [[ "$DEVICE" == auto ]] && "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; }; then
-  PRESET=${PRESET:-medium}
-  TRAIN=(--batch-size 64 --lr 1e-3 --warmup-steps 200 --max-steps "${MAX_STEPS:-3000}" --eval-every 500)
+  RECIPE=gpu
 else
-  PRESET=${PRESET:-tiny}
-  TRAIN=(--batch-size 16 --lr 2e-3 --warmup-steps 50 --max-steps "${MAX_STEPS:-900}" --eval-every 300
-         --max-minutes "${MAX_MINUTES:-6.5}")
+  RECIPE=cpu
 fi
+PRESET=${PRESET:-$("$PY" -c "import sys; from minigpt.config import RECIPES; print(RECIPES[sys.argv[1]]['preset'])" "$RECIPE")}
+TRAIN=(--recipe "$RECIPE" --preset "$PRESET")
+[[ -n "$MAX_STEPS" ]] && TRAIN+=(--max-steps "$MAX_STEPS")
 [[ -n "$MAX_MINUTES" ]] && TRAIN+=(--max-minutes "$MAX_MINUTES")
 
 # ${A[@]+"${A[@]}"}: an empty array is fine under set -u, even in macOS's bash 3.2
@@ -68,7 +69,7 @@ else
   "$PY" 02_train_tokenizer.py --data "$DATA_DIR/$NAME" --vocab-size "$VOCAB"
 fi
 echo "== 3/4 train -> $RUNS_DIR/$RUN"
-"$PY" 03_train.py --data "$TOKENS" --name "$RUN" --runs-dir "$RUNS_DIR" --device "$DEVICE" --preset "$PRESET" "${TRAIN[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+"$PY" 03_train.py --data "$TOKENS" --name "$RUN" --runs-dir "$RUNS_DIR" --device "$DEVICE" "${TRAIN[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
 echo "== 4/4 quick test"
 "$PY" quick_test.py --run "$RUNS_DIR/$RUN" --device "$DEVICE"
 echo "== done. The run is in $RUNS_DIR/$RUN/ (best/, last/, metrics.jsonl). Try:"

@@ -149,13 +149,8 @@ def bench_inference(model: GPT, cfg: BenchConfig, mode: str) -> dict[str, Any]:
     sync(device)
     out["setup_s"] = time.perf_counter() - t0  # graph capture and compilation
 
-    # prefill: the whole prompt through the model, up to the first new token's logits
-    if decoder is None:
-        prefill = lambda: model(x, last_only=True)  # noqa: E731
-    else:
-        def prefill() -> None:
-            decoder.start([prompt])
-            decoder.step()
+    # prefill: the whole prompt through the model, up to its first new token
+    prefill = (lambda: model(x, last_only=True)) if decoder is None else (lambda: decoder.start([prompt]))
     prefill()
     sync(device)
     reps, t0 = 5, time.perf_counter()
@@ -190,7 +185,7 @@ def bench_inference(model: GPT, cfg: BenchConfig, mode: str) -> dict[str, Any]:
 
 @torch.no_grad()
 def decode_tokens_per_s(model: GPT, prompt: list[int], new: int, rows: int, mode: str) -> float:
-    """Greedy decoding throughput of all rows, without streaming, the prefill and first token excluded."""
+    """Greedy decoding throughput of all rows, without streaming, the prefill (and its first token) excluded."""
     device = _device(model)
     x = torch.tensor([prompt] * rows, device=device)
     if mode == "plain":
@@ -200,11 +195,7 @@ def decode_tokens_per_s(model: GPT, prompt: list[int], new: int, rows: int, mode
         generate_reference(model, prompt, 2, greedy, rows)  # warm-up (short: this path is slow)
     else:
         decoder = make_decoder(model, rows, new, mode)
-        run = lambda: decoder.run([prompt] * rows)  # noqa: E731
-
-        def prefill() -> None:
-            decoder.start([prompt] * rows)
-            decoder.step()
+        run, prefill = (lambda: decoder.run([prompt] * rows)), (lambda: decoder.start([prompt] * rows))
         run()  # warm-up
     times = []
     for fn in (prefill, run):  # the best of a few runs: the figure the device can reach, less the noise

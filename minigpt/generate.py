@@ -210,6 +210,10 @@ class Decoder:
     def _step(self) -> None:
         logits = self.model.decode(self.tok, self.pos, self.cache)
         self.pos.add_(1)
+        self._take(logits)
+
+    def _take(self, logits: torch.Tensor) -> None:
+        """Sample each row's next token from `logits` and record it."""
         tok = next_token(logits, self.s, self.seen, self.noise)
         self.tok.copy_(tok)
         self.out.index_copy_(1, self.n.view(1), tok[:, None])
@@ -242,30 +246,34 @@ class Decoder:
     # the host side
 
     def start(self, prompts: list[list[int]]) -> None:
-        """A new generation after one prompt per row: reset the state and encode each prompt's last
-        context's worth into the cache, all but its last token, which the first step consumes."""
+        """A new generation after one prompt per row: reset the state, encode each prompt's last context's
+        worth into the cache (right-padded: a row's padding sits after its tokens, where causal attention
+        never looks, and later steps overwrite it) and sample every row's first token."""
         assert len(prompts) == self.rows, f"{len(prompts)} prompts for {self.rows} rows"
         _check_prompts(prompts)
         T, device = self.model.cfg.block_size, self.tok.device
         self.n.zero_()
         self.done.zero_()
-        self.produced = 0
         self.prompts = [torch.tensor(p[-T:], dtype=torch.long, device=device) for p in prompts]
         if self.seen is not None:
             self.seen.zero_()
             for r, p in enumerate(prompts):
                 self.seen[r, torch.tensor(p, device=device)] = True
-        self.host_pos = [len(p) - 1 for p in self.prompts]
-        self.tok.copy_(torch.stack([p[-1] for p in self.prompts]))
-        self.pos.copy_(torch.tensor(self.host_pos))
-        longest = max(self.host_pos)
-        if longest:  # right-padded: a row's padding sits after its tokens, where causal attention never
-            # looks, and the steps overwrite it (a step sees only slots up to its row's position)
-            ctx = torch.zeros(self.rows, longest, dtype=torch.long, device=device)
-            for r, p in enumerate(self.prompts):
-                ctx[r, : len(p) - 1] = p[:-1]
-            self.cache.pos = 0
-            self.model.prefill(ctx, self.cache)
+        self.host_pos = [len(p) for p in self.prompts]
+        lengths = torch.tensor(self.host_pos, device=device)
+        ctx = torch.zeros(self.rows, max(self.host_pos), dtype=torch.long, device=device)
+        for r, p in enumerate(self.prompts):
+            ctx[r, : len(p)] = p
+        self.cache.pos = 0
+        logits = self.model.prefill(ctx, self.cache, last=lengths - 1)
+        self.pos.copy_(lengths)
+        self._draw()
+        self._take(logits)
+        self.produced = 1
+
+    def _draw(self) -> None:
+        if self.noise is not None:
+            draw_noise(self.noise.shape, self.noise.device, self.gen, out=self.noise)
 
     def step(self) -> None:
         """One token for every row: slide the rows whose context is full, draw the noise, run the step."""
@@ -273,8 +281,7 @@ class Decoder:
         full = [r for r, p in enumerate(self.host_pos) if p == T]
         if full:
             self._slide(full)
-        if self.noise is not None:
-            draw_noise(self.noise.shape, self.noise.device, self.gen, out=self.noise)
+        self._draw()
         if self.graph is not None:
             self.graph.replay()
         else:
@@ -301,13 +308,15 @@ class Decoder:
     def run(self, prompts: list[list[int]], on_token: Callable[[int], None] | None = None) -> torch.Tensor:
         """Generate up to `max_new` tokens after one prompt per row; returns (rows, produced)."""
         self.start(prompts)
-        while self.produced < self.max_new:
-            self.step()
+        while True:
             if on_token is not None:
                 on_token(int(self.tok[0]))
+            if self.produced == self.max_new:
+                break
             if self.eot is not None and (on_token is not None or self.produced % DONE_CHECK_EVERY == 0):
                 if bool(self.done.all()):
                     break
+            self.step()
         return self.out[:, : self.produced]
 
 

@@ -206,9 +206,13 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return Output(logits, loss)
 
-    def prefill(self, idx: torch.Tensor, cache: KVCache) -> None:
-        """Encode `idx` (one row per cache row) into the cache after its `pos` slots; no output head."""
-        self._trunk(idx, cache)
+    def prefill(self, idx: torch.Tensor, cache: KVCache, last: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Encode `idx` (one row per cache row) into the cache after its `pos` slots. With `last` (rows,),
+        returns the logits (rows, vocab) at each row's position `last`: rows may be right-padded."""
+        x = self._trunk(idx, cache)
+        if last is None:
+            return None
+        return self.lm_head(self.norm_f(x[torch.arange(x.size(0), device=x.device), last]))
 
     def decode(self, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (rows, vocab) after one new token per row: `tok` (rows,) goes into slot `pos` (rows,) of

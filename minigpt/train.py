@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import inspect
 import json
 import math
 import signal
@@ -278,7 +279,10 @@ class Trainer:
         if self.d.world == 1:
             return compiled, compiled
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return compiled, DDP(compiled, device_ids=ids, broadcast_buffers=False)
+        # the option's name changed in torch 2.13 (`broadcast_buffers` before)
+        renamed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+        no_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
+        return compiled, DDP(compiled, device_ids=ids, **no_sync)
 
     # checkpoints and records
 

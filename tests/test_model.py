@@ -75,12 +75,14 @@ def test_every_decode_step_gives_the_logits_of_its_window() -> None:
     model = small(tie_embeddings=False)
     T, prompts = model.cfg.block_size, [list(range(1, 41)), [7, 8, 9]]
     dec = Decoder(model, 2, 70, Sampling(temperature=0.9, top_k=40), gen=torch.Generator().manual_seed(3), graph=False)
-    captured, decode = [], model.decode
+    captured, decode, prefill = [], model.decode, model.prefill
     model.decode = lambda tok, pos, cache: captured.append(decode(tok, pos, cache)) or captured[-1]
+    model.prefill = lambda idx, cache, last=None: (  # the first token's logits; a slide's prefill has none
+        captured.append(prefill(idx, cache, last)) or captured[-1] if last is not None else prefill(idx, cache))
     try:
         out = dec.run(prompts).tolist()
     finally:
-        del model.decode
+        del model.decode, model.prefill
     keep = dec.keep
     assert keep == 36 and len(captured) == 70
     for row, prompt in enumerate(prompts):
@@ -180,6 +182,22 @@ def test_sampling_rules() -> None:
         assert next_token(logits, Sampling(temperature=1.0, top_k=2), None, noise()).item() in (1, 2)
     seen = torch.tensor([[False, True, False, False]])
     assert next_token(logits, Sampling(temperature=0, repetition_penalty=2.0), seen, None).item() == 2
+
+
+def test_top_k_and_top_p_judge_the_tempered_distribution() -> None:
+    """At temperature 0.5, logits (2, 1, 0) give p = (0.867, 0.117, 0.016): top-p 0.8 keeps the first token
+    alone (at temperature 1, p = (0.665, 0.245, 0.090), it would keep two)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0]]).repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    toks = next_token(logits, Sampling(temperature=0.5, top_p=0.8), None, draw_noise(logits.shape, logits.device, gen))
+    assert set(toks.tolist()) == {0}
+    toks = next_token(logits, Sampling(temperature=2.0, top_p=0.85), None, draw_noise(logits.shape, logits.device, gen))
+    assert set(toks.tolist()) == {0, 1, 2}  # at T=2, p = (0.506, 0.307, 0.186): 0.85 needs all three
+    # top-k after the temperature too: a cut at the k-th logit, and the kept tokens drawn at T
+    toks = next_token(logits, Sampling(temperature=2.0, top_k=2), None, draw_noise(logits.shape, logits.device, gen))
+    freq = torch.bincount(toks, minlength=3).float() / len(toks)
+    expected = torch.tensor([1.0, 0.5]).exp() / torch.tensor([1.0, 0.5]).exp().sum()
+    assert freq[2] == 0 and (freq[:2] - expected).abs().max() < 0.03
 
 
 def test_sampling_draws_from_the_softmax() -> None:

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +18,10 @@ import torch
 from conftest import MODEL, MODEL_ARGS, ROOT, losses, train_cfg
 
 import minigpt.checkpoint as checkpoint
-from minigpt.checkpoint import find_checkpoint, load_model
+from minigpt.checkpoint import find_checkpoint, load_model, load_run
 from minigpt.model import GPT
 from minigpt.train import train
+from minigpt.utils import UserError
 
 
 def poison(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int], factor: float = float("nan")) -> None:
@@ -69,17 +71,18 @@ def test_gradient_norm_spike_is_a_warning(tokens: Path, tmp_path: Path, monkeypa
 
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_batch(tokens: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    train(train_cfg(tokens, tmp_path / "ref", log_every=5, batch_size=4, total_batch_tokens=8 * 32, max_steps=10), MODEL)
+    """5 rows that do not fit: micro-batches of 2, 2 and 1 row cover all of them, with the same losses."""
+    train(train_cfg(tokens, tmp_path / "ref", log_every=5, batch_size=5, max_steps=10), MODEL)
     forward = GPT.forward
 
     def patched(self, idx, targets=None, cache=None, last_only=False):
-        if self.training and idx.size(0) > 4:
+        if self.training and idx.size(0) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return forward(self, idx, targets, cache, last_only)
 
     monkeypatch.setattr(GPT, "forward", patched)
-    train(train_cfg(tokens, tmp_path / "oom", log_every=5, batch_size=8, max_steps=10), MODEL)
-    assert "out of memory at step 1: micro-batch 8 -> 4, accumulation 1 -> 2 (same batch)" in " ".join(capsys.readouterr().out.split())
+    train(train_cfg(tokens, tmp_path / "oom", log_every=5, batch_size=5, max_steps=10), MODEL)
+    assert "out of memory at step 1: micro-batch 5 -> 2, accumulation 1 -> 3 (same batch)" in " ".join(capsys.readouterr().out.split())
     ref, oom = losses(tmp_path / "ref" / "run"), losses(tmp_path / "oom" / "run")
     assert ref.keys() == oom.keys() and all(ref[k] == pytest.approx(oom[k], abs=1e-5) for k in ref)
 
@@ -118,6 +121,7 @@ def start(cmd: list[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_reaches_the_same_final_loss(tokens: Path, tmp_path: Path) -> None:
     """Kill a training process 5 times (once while a checkpoint is being written), checking the run
     folder loads after each kill, then resume to the end: the losses match an uninterrupted run."""
@@ -160,3 +164,87 @@ def test_sigkill_at_random_moments_then_resume_reaches_the_same_final_loss(token
     evals_whole = [json.loads(ln) for ln in (tmp_path / "whole" / "run" / "metrics.jsonl").read_text().splitlines()
                    if "val_loss" in ln]
     assert evals == evals_whole and evals[-1]["step"] == 200
+
+
+# A training process that kills itself with SIGKILL inside the swap of its `last` checkpoint, from step
+# `at` on: "between" right after `last` became `.last.old`, "before-new" just before the new folder moves in.
+KILL_IN_SWAP = """
+import os, runpy, signal, sys
+import minigpt.checkpoint as checkpoint, minigpt.train as train
+where, at = sys.argv.pop(1), int(sys.argv.pop(1))
+save, rename, armed = train.save_checkpoint, checkpoint._rename, []
+def saving(run_dir, tag, model, config, *args, **kw):
+    armed[:] = [tag == "last" and config["step"] >= at]
+    return save(run_dir, tag, model, config, *args, **kw)
+def renaming(src, dst):
+    if armed[0] and where == "before-new" and src.name == ".last.tmp":
+        os.kill(os.getpid(), signal.SIGKILL)
+    rename(src, dst)
+    if armed[0] and where == "between" and src.name == "last":
+        os.kill(os.getpid(), signal.SIGKILL)
+train.save_checkpoint, checkpoint._rename = saving, renaming
+sys.argv = sys.argv[1:]  # the script first, as if it were run itself
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_kills_inside_the_checkpoint_swap_always_leave_a_loadable_checkpoint(tokens: Path, tmp_path: Path) -> None:
+    """Killed between the two renames, the run's only complete copy is `.last.old`; the next process, killed
+    at its first save just before its new folder moves in, must not have deleted that copy first. Resuming
+    then reaches the losses of an uninterrupted run."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+
+    def cmd(runs: Path, *extra: str) -> list[str]:
+        return [str(ROOT / "03_train.py"), "--data", str(tokens), "--runs-dir", str(runs), "--name", "run", "--device",
+                "cpu", "--batch-size", "8", "--max-steps", "30", "--lr", "3e-3", "--log-every", "5", "--eval-every",
+                "100", "--eval-tokens", "1024", "--save-every", "5", "--dropout", "0.1", *MODEL_ARGS, *extra]
+
+    whole = subprocess.run([sys.executable, *cmd(tmp_path / "whole")], env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    run = tmp_path / "split" / "run"
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_SWAP, "between", "10", *cmd(tmp_path / "split")], env=env,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run / "last").exists() and (run / ".last.old").is_dir()
+    assert json.loads((find_checkpoint(run, "last") / "config.json").read_text())["step"] == 5
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_SWAP, "before-new", "10", *cmd(tmp_path / "split", "--resume")],
+                            env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert "resuming at step 5" in killed.stdout
+    load_model(find_checkpoint(run, "last"))  # the step-5 copy survived the second kill
+    done = subprocess.run([sys.executable, *cmd(tmp_path / "split", "--resume")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert losses(run) == losses(tmp_path / "whole" / "run")
+    assert not (run / ".last.old").exists() and not (run / ".last.tmp").exists()
+
+
+def test_the_manifest_lists_every_file_and_any_damage_is_caught(tokens: Path, tmp_path: Path) -> None:
+    train(train_cfg(tokens, tmp_path, max_steps=5, log_every=5, eval_every=5), MODEL)
+    run = tmp_path / "run"
+    for tag in ("best", "last"):
+        manifest = json.loads((run / tag / "manifest.json").read_text())
+        assert set(manifest) == {p.name for p in (run / tag).iterdir()} - {"manifest.json"}
+    assert {"optimizer.pt", "trainer_state.json"} <= set(json.loads((run / "last" / "manifest.json").read_text()))
+    data = bytearray((run / "last" / "optimizer.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (run / "last" / "optimizer.pt").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="optimizer.pt does not match its checksum"):
+        find_checkpoint(run, "last")
+    (run / "best" / "notes.txt").write_text("not part of the checkpoint")
+    with pytest.raises(UserError, match="does not list notes.txt"):
+        find_checkpoint(run, "best")
+
+
+def test_best_falls_back_to_last_only_when_absent(tokens: Path, tmp_path: Path, capsys) -> None:
+    train(train_cfg(tokens, tmp_path, max_steps=5, log_every=5, eval_every=5), MODEL)
+    run = tmp_path / "run"
+    assert load_run(run, "best").folder == run / "best"
+    weights = run / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # damaged: an error, never the other checkpoint in silence
+    with pytest.raises(UserError, match="checkpoint best .* is damaged"):
+        load_run(run, "best")
+    shutil.rmtree(run / "best")  # absent (a run stopped before its first evaluation): last, and it says so
+    capsys.readouterr()
+    assert load_run(run, "best").folder == run / "last"
+    assert "no 'best' checkpoint" in " ".join(capsys.readouterr().err.split())

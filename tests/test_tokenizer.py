@@ -123,3 +123,32 @@ def test_real_corpora_roundtrip_every_val_document(tmp_path: Path, name: str) ->
         rt = meta["roundtrip"]
         assert rt["failures"] == 0 and rt["checked"] == meta["splits"]["val"]["documents"] > 300
         assert meta["bytes_per_token"]["val"] > (2.5 if not char else 0.9)
+
+
+@pytest.mark.parametrize("char", [False, True])
+def test_the_round_trip_check_reads_the_shards_as_written(tmp_path: Path, monkeypatch, char: bool) -> None:
+    """Documents that type special tokens keep them as text in the shards, and the check decodes the val
+    shards themselves; shards that do not hold the documents fail it and nothing is written."""
+    import minigpt.tokenizer as tokenizer
+
+    path = tmp_path / "typed.jsonl"
+    rows = [{"text": f"line {i} says <|endoftext|> and <|lang=tt|> in text", "lang": ["tt", "en"][i % 2]}
+            for i in range(200)]
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    data, _ = prepare(PrepareConfig(inputs=[str(path)], out_dir=str(tmp_path / "data"), val_fraction=0.2))
+    out = build(TokenizerConfig(data=str(data), vocab_size=280, char=char, out=str(tmp_path / "ok"))).out
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["roundtrip"] == {"checked": meta["splits"]["val"]["documents"], "failures": 0, "first_failure": None}
+    tokens = np.concatenate([np.fromfile(out / s["file"], dtype="<u2") for s in meta["splits"]["val"]["shards"]])
+    assert int((tokens == meta["eot_id"]).sum()) == meta["splits"]["val"]["documents"]  # one per document, no more
+
+    encode = tokenizer.encode_split
+
+    def special_tokens_parsed(tok, *args, **kw):  # what the shards would hold with the wrong setting
+        tok.encode_special_tokens = False
+        return encode(tok, *args, **kw)
+
+    monkeypatch.setattr(tokenizer, "encode_split", special_tokens_parsed)
+    with pytest.raises(UserError, match="do not decode back"):
+        build(TokenizerConfig(data=str(data), vocab_size=280, char=char, out=str(tmp_path / "bad")))
+    assert not list((tmp_path / "bad").glob("*.bin")) and not (tmp_path / "bad" / "meta.json").exists()
