@@ -290,7 +290,7 @@ def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     data_path = cfg.data
     if cfg.run:
-        loaded = load_run(cfg.run, "best", device)
+        loaded = load_run(cfg.run, "best", device, cfg.runs_dir)
         model = loaded.model
         data_path = data_path or loaded.config["data"]["folder"]
         source = f"{loaded.folder} ({loaded.matmul})"

@@ -83,6 +83,7 @@ def save_checkpoint(
     if final.exists():  # the current copy becomes the fallback...
         shutil.rmtree(old, ignore_errors=True)
         _rename(final, old)
+        fsync_dir(run_dir)  # on disk before the new copy takes its name
     # ...but with no current copy (a crash fell between these two renames last time) `old` is the only
     # complete checkpoint: it stays until the new one is in place.
     _rename(tmp, final)
@@ -177,6 +178,16 @@ def latest_run(runs_dir: Path) -> Path:
     return max(runs, key=lambda p: p.stat().st_mtime)
 
 
+def resolve_run(run: str | Path, runs_dir: str | Path = "runs") -> Path:
+    """The run folder `run` names: a path, else a name under `runs_dir`; no name: the newest run there."""
+    if not run:
+        return latest_run(Path(runs_dir))
+    path = Path(run)
+    if not path.exists() and len(path.parts) == 1 and (Path(runs_dir) / path).is_dir():
+        return Path(runs_dir) / path
+    return path
+
+
 def read_trainer_state(folder: Path) -> dict[str, Any]:
     with contextlib.suppress(FileNotFoundError):
         return read_json(folder / "trainer_state.json", "trainer state")
@@ -212,7 +223,7 @@ def load_run(run: str | Path, which: str = "best", device: torch.device | str = 
     `best` falls back to `last` only when the run has no `best` at all (say, stopped before its first
     evaluation), and says so; a damaged checkpoint is an error, never silently replaced by another.
     """
-    run_dir = Path(run) if run else latest_run(Path(runs_dir))
+    run_dir = resolve_run(run, runs_dir)
     if which not in CHECKPOINTS:
         raise UserError(f"--checkpoint must be best or last, got {which!r}.")
     if which == "best" and run_dir.is_dir() and not has_checkpoint(run_dir, "best") and has_checkpoint(run_dir, "last"):

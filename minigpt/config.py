@@ -37,7 +37,7 @@ def seed_opt() -> Any:
 
 
 def run_opt() -> Any:
-    return opt("", help="Run folder (default: the most recent run under --runs-dir).")
+    return opt("", help="Run folder, or a run's name under --runs-dir (default: the most recent run there).")
 
 
 def checkpoint_opt() -> Any:
@@ -191,7 +191,7 @@ class TrainConfig:
     name: str = opt("", help="Run name: checkpoints go to <runs-dir>/<name>/ (default: dataset + preset).")
     runs_dir: str = runs_dir_opt()
     recipe: str = opt("", help="Settings sized for a machine: cpu (about 8 minutes on 2 cores) or gpu; the "
-                               "options given on the command line win over the recipe's.")
+                               "options given on the command line win over the recipe's (in Python: with_recipe).")
     preset: str = opt("tiny", help=f"Model shape: {PRESET_NAMES} (model options override it).")
     resume: bool = opt(False, help="Continue the run from its last checkpoint.")
     device: str = device_opt()
@@ -326,7 +326,8 @@ class QuickTestConfig:
 class BenchConfig:
     device: str = device_opt()
     preset: str = opt("tiny", help=f"Model shape for random weights: {PRESET_NAMES} (model options override it).")
-    run: str = opt("", help="Benchmark a trained run instead of random weights.")
+    run: str = opt("", help="Benchmark a trained run (a folder, or a name under --runs-dir) instead of random weights.")
+    runs_dir: str = runs_dir_opt()
     data: str = opt("", help="Token shards for the data figures (default: the run's, else data/stdlib if present).")
     dtype: str = opt("auto", help="auto (bf16 on GPUs that have it, fp32 on CPU), bf16, fp16 or fp32.")
     batch_size: int = opt(16, help="Training micro-batch (sequences).")

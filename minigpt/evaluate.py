@@ -58,8 +58,8 @@ def evaluate(
         with autocast(device, dtype):
             logits = model(batch[:, :-1]).logits
         nats = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].reshape(-1), reduction="none")
-        weight = torch.from_numpy(real).to(device, torch.float64)
-        total[0] += (nats.view(len(chunk), -1).double().sum(dim=1) * weight).sum()
+        counted = torch.from_numpy(real).to(device)
+        total[0] += torch.where(counted, nats.view(len(chunk), -1).double().sum(dim=1), 0.0).sum()
         total[1] += float(real.sum() * block_size)
         total[2] += float(data.token_bytes[rows[real, 1:]].sum())
     if d.world > 1:

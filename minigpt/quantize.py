@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .bench import decode_tokens_per_s
-from .checkpoint import SCHEMES, latest_run, load_run, model_tensors, quantization, save_checkpoint
+from .checkpoint import SCHEMES, load_run, model_tensors, quantization, resolve_run, save_checkpoint
 from .config import QuantizeConfig
 from .data import TokenData, eval_windows
 from .evaluate import evaluate
@@ -44,7 +44,7 @@ def int8_tensors(model: GPT) -> dict[str, torch.Tensor]:
 
 def quantize_run(cfg: QuantizeConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
-    run_dir = Path(cfg.run) if cfg.run else latest_run(Path(cfg.runs_dir))
+    run_dir = resolve_run(cfg.run, cfg.runs_dir)
     src = load_run(run_dir, cfg.checkpoint, "cpu")
     existing = quantization(src.config)
     if existing != "none":

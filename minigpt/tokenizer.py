@@ -207,9 +207,10 @@ def _shard_documents(writer: ShardWriter, eot: int) -> Iterator[list[int]]:
         carry += arr[start:].tolist()
 
 
-def check_roundtrip(tok: Tokenizer, data: Path, writer: ShardWriter, eot: int, tag_ids: set[int], limit: int) -> dict[str, Any]:
-    """The shards hold exactly the documents: up to `limit` val documents, decoded from the val shards'
-    tokens (tag tokens dropped), must equal their text."""
+def check_roundtrip(tok: Tokenizer, data: Path, writer: ShardWriter, eot: int, tag_ids: set[int], limit: int,
+                    documents: int) -> dict[str, Any]:
+    """The shards hold exactly the documents: up to `limit` of the `documents` val documents, decoded from
+    the val shards' tokens (tag tokens dropped), must equal their text, and none may be missing."""
     pairs = zip(itertools.islice(iter_documents(data, "val"), limit), _shard_documents(writer, eot), strict=False)
     checked, failures, first = 0, 0, None
     for chunk in iter(lambda: list(itertools.islice(pairs, 512)), []):
@@ -219,7 +220,10 @@ def check_roundtrip(tok: Tokenizer, data: Path, writer: ShardWriter, eot: int, t
                 failures += 1
                 first = checked if first is None else first
             checked += 1
-    return {"checked": checked, "failures": failures, "first_failure": first}
+    missing = min(limit, documents) - checked  # shards that end early hold fewer documents
+    if missing > 0:
+        failures, first = failures + missing, checked if first is None else first
+    return {"checked": checked + max(missing, 0), "failures": failures, "first_failure": first}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,7 +284,8 @@ def build(cfg: TokenizerConfig) -> TokenizerResult:
                 writer.close()
                 splits[split]["shards"] = writer.shards
         encode_seconds = time.perf_counter() - start
-        roundtrip = check_roundtrip(tok, data, writers["val"], eot, set(tag_ids.values()), cfg.check_docs)
+        roundtrip = check_roundtrip(tok, data, writers["val"], eot, set(tag_ids.values()), cfg.check_docs,
+                                    stats["documents"]["val"])
         if roundtrip["failures"]:
             raise UserError(
                 f"the val shards do not decode back to {roundtrip['failures']} of the {roundtrip['checked']} val "

@@ -116,22 +116,29 @@ class Health:
 
     An update whose gradient norm is not finite is skipped: inside the fused CUDA AdamW kernel (its
     `found_inf` input, so no host sync per step), with a host check elsewhere. With fp16 the gradient
-    scaler skips overflowing updates itself and lowers its scale, which is its normal work: only a loss
-    that is not finite counts as a bad step there.
+    scaler skips overflowing updates itself and lowers its scale, which is its normal work: there a
+    bad step is a loss that is not finite, or an overflow that more than OVERFLOWS halvings of the
+    scale in a row did not cure (the gradients themselves are not finite).
     """
 
     SPIKE = 10.0  # a norm this many times the running norm is a spike
+    OVERFLOWS = 24  # fp16: 65536 halved 24 times is 2**-8; an overflow past that is no overflow
 
     def __init__(self, device: torch.device) -> None:
         z = lambda: torch.zeros((), device=device)  # noqa: E731
         self.skipped, self.streak, self.max_streak, self.spikes, self.max_spike, self.ema = z(), z(), z(), z(), z(), z()
+        self.overflows = z()
         self.seen = 0
 
     def check(self, norm: torch.Tensor, loss: torch.Tensor, scaled: bool = False) -> torch.Tensor:
         """1.0 if this update is bad (and, without a scaler, must be skipped), else 0.0 (a device tensor)."""
         norm = norm.float()
         finite = torch.isfinite(norm)
-        bad = (~torch.isfinite(loss) if scaled else ~finite).float()
+        if scaled:
+            self.overflows = (self.overflows + 1) * (~finite)
+            bad = (~torch.isfinite(loss) | (self.overflows > self.OVERFLOWS)).float()
+        else:
+            bad = (~finite).float()
         self.skipped += bad
         self.streak = (self.streak + bad) * bad
         self.max_streak = torch.maximum(self.max_streak, self.streak)
@@ -145,9 +152,13 @@ class Health:
         self.seen += 1
         return bad
 
-    def read(self) -> tuple[int, int, int, float]:
-        """(skipped so far, longest run of skips since the last read, spikes since then, largest spike)."""
-        skipped, streak, spikes, top = torch.stack([self.skipped, self.max_streak, self.spikes, self.max_spike]).tolist()
+    def read(self, world: int = 1) -> tuple[int, int, int, float]:
+        """(skipped so far, longest run of skips since the last read, spikes since then, largest spike);
+        under torchrun the largest of each over the processes, so that they all decide alike to stop."""
+        figures = torch.stack([self.skipped, self.max_streak, self.spikes, self.max_spike])
+        if world > 1:  # a loss is each process's own: with fp16 the processes can see different bad steps
+            dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+        skipped, streak, spikes, top = figures.tolist()
         self.max_streak.copy_(self.streak)
         self.spikes.zero_()
         self.max_spike.zero_()
@@ -397,7 +408,7 @@ class Trainer:
             )
         self.log({"step": self.step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm.item(), 4),
                   "ms": round(dt * 1000, 2), "tok_s": round(tok_s), "mfu": mfu})
-        skipped, streak, spikes, top = self.health.read()
+        skipped, streak, spikes, top = self.health.read(d.world)
         if d.main and skipped > self.skipped_reported:
             console.print(f"[yellow]skipped {skipped - self.skipped_reported} update(s) with a non-finite loss or "
                           f"gradient ({skipped} in all)[/]")
@@ -459,7 +470,8 @@ class Trainer:
 
                 stop = self._should_stop()
                 t_between = time.perf_counter()  # evaluation, samples and saves stay out of ms/step
-                last_eval, stop = self._between_steps(stop)
+                score, stop = self._between_steps(stop)
+                last_eval = score or last_eval
                 t_log += time.perf_counter() - t_between
                 if stop:
                     break
@@ -472,7 +484,7 @@ class Trainer:
         wrap_up = stop is not None and not stop.interrupted
         if self.step % cfg.eval_every == 0 or wrap_up:
             score, out_of_patience = self.validate(elapsed)
-            if out_of_patience and stop is None:
+            if out_of_patience and (stop is None or stop.reason == Stop().reason):
                 stop = Stop(f"no better val loss in {cfg.patience} evaluations")
                 wrap_up = True
         if self.d.main and (self.step % (cfg.sample_every or cfg.eval_every) == 0 or wrap_up):

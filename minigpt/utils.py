@@ -68,7 +68,7 @@ class PlainProgress:
         pass
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **_: Any) -> int:
-        self.tasks.append({"description": description, "total": total, "completed": completed,
+        self.tasks.append({"description": description, "total": total, "completed": completed, "from": completed,
                            "start": time.perf_counter(), "shown": time.perf_counter()})
         return len(self.tasks) - 1
 
@@ -87,7 +87,8 @@ class PlainProgress:
             console.print(self.line(t, now), markup=False)
 
     def line(self, t: dict[str, Any], now: float) -> str:
-        done, total, rate = t["completed"], t["total"], t["completed"] / max(now - t["start"], 1e-9)
+        done, total = t["completed"], t["total"]
+        rate = (done - t["from"]) / max(now - t["start"], 1e-9)  # this run's speed (a resumed download's too)
         fmt = human_bytes if self.unit == "bytes" else human_count
         share = f" ({done / total:.0%})" if total else ""
         return f"{t['description']}: {fmt(done)}{f' / {fmt(total)}' if total else ''}{share}, {fmt(rate)}/s"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODEL, MODEL_ARGS, ROOT, losses, train_cfg
+from conftest import MODEL, MODEL_ARGS, ROOT, losses, metrics, train_cfg
 
 import minigpt.checkpoint as checkpoint
 from minigpt.checkpoint import find_checkpoint, load_model, load_run
@@ -57,6 +57,8 @@ def test_a_run_of_non_finite_losses_stops_with_the_last_good_checkpoint(tokens: 
     assert summary["failed"] and "updates in a row had a non-finite" in summary["stop_reason"]
     assert "last good checkpoint" in out and "--resume" in out
     assert summary["steps"] == 20  # stopped at the first log step after 5 bad updates in a row
+    evals = [r["val_loss"] for r in metrics(tmp_path / "run") if "val_loss" in r]
+    assert summary["last_val_loss"] == pytest.approx(evals[-1], abs=1e-6)  # step 10: the last evaluation
     folder = find_checkpoint(tmp_path / "run", "last")
     assert json.loads((folder / "config.json").read_text())["step"] == 10
     model, _ = load_model(folder)

@@ -152,3 +152,8 @@ def test_the_round_trip_check_reads_the_shards_as_written(tmp_path: Path, monkey
     with pytest.raises(UserError, match="do not decode back"):
         build(TokenizerConfig(data=str(data), vocab_size=280, char=char, out=str(tmp_path / "bad")))
     assert not list((tmp_path / "bad").glob("*.bin")) and not (tmp_path / "bad" / "meta.json").exists()
+    monkeypatch.setattr(tokenizer, "encode_split", encode)
+    read_back = tokenizer._shard_documents
+    monkeypatch.setattr(tokenizer, "_shard_documents", lambda *a: list(read_back(*a))[:-1])  # one lost
+    with pytest.raises(UserError, match="do not decode back to 1 of"):
+        build(TokenizerConfig(data=str(data), vocab_size=280, char=char, out=str(tmp_path / "short")))

@@ -109,11 +109,11 @@ def test_interrupted_then_resumed_run_logs_identical_losses(tokens: Path, tmp_pa
 
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(tokens: Path, tmp_path: Path) -> None:
-    """Same losses and val losses; 3 eval windows for 2 processes (one of them gets a padding window that
-    counts zero: unequal forward passes under DDP used to hang the job)."""
+    """Same losses and val losses, with one eval window for 2 processes: the second runs a padding window
+    that counts zero (a process with no window to score used to leave the other waiting: a hang)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     args = ["--data", str(tokens), "--name", "run", "--device", "cpu", "--batch-size", "4", "--max-steps", "8",
-            "--log-every", "1", "--eval-every", "4", "--eval-tokens", "96", "--lr", "3e-3", "--warmup-steps", "2",
+            "--log-every", "1", "--eval-every", "4", "--eval-tokens", "32", "--lr", "3e-3", "--warmup-steps", "2",
             *MODEL_ARGS]
     one = subprocess.run([sys.executable, str(ROOT / "03_train.py"), "--runs-dir", str(tmp_path / "one"),
                           "--total-batch-tokens", str(8 * 32), *args], env=env, capture_output=True, text=True)
@@ -165,9 +165,10 @@ def test_cli_help_and_generate(tokens: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0 and proc.stdout.split("\n")[1].startswith("Әнием"), proc.stdout + proc.stderr
     assert re.search(r"\d+ tokens in [\d.]+ s \([\d,]+ tokens/s", proc.stderr)  # the speed, on stderr
     alone = proc.stdout.split("\n")[1]
-    proc = run_script("minigpt", "generate", "--runs-dir", str(tmp_path), "--prompt", "Әнием", "--max-new-tokens", "12",
-                      "--temperature", "0")  # no --run: the newest run under --runs-dir
-    assert proc.returncode == 0 and proc.stdout.split("\n")[1] == alone and run in proc.stdout, proc.stdout + proc.stderr
+    for by_name in ([], ["--run", "run"]):  # no --run: the newest run under --runs-dir; a name: that run there
+        proc = run_script("minigpt", "generate", "--runs-dir", str(tmp_path), *by_name, "--prompt", "Әнием",
+                          "--max-new-tokens", "12", "--temperature", "0", cwd=tmp_path.parent)
+        assert proc.returncode == 0 and proc.stdout.split("\n")[1] == alone and run in proc.stdout, proc.stdout + proc.stderr
     proc = run_script("minigpt", "generate", "--run", run, "--prompt", "a", "--prompt", "Әнием", "--num-samples", "2",
                       "--max-new-tokens", "12", "--temperature", "0")  # one batch, the shorter prompt left-padded
     assert proc.returncode == 0 and proc.stdout.count("sample 2") == 2
@@ -249,15 +250,14 @@ def test_several_unequal_shards_windows_stay_inside_and_reach_every_offset(toy_d
     assert summary["steps"] == 12 and math.isfinite(summary["best_val_loss"])
 
 
-def test_a_shard_just_one_window_long_gives_that_window(tmp_path: Path) -> None:
+def test_a_shard_two_windows_long_gives_both(tmp_path: Path) -> None:
     T = 8
     shard = tmp_path / "train_0000.bin"
-    np.arange(T + 1, dtype="<u2").tofile(shard)
-    meta = {"dtype": "uint16", "splits": {"train": {"shards": [{"file": shard.name, "tokens": T + 1}]}}}
-    shards = Shards(tmp_path, "train", meta)
-    sampler = BatchSampler(shards, T, seed=1)
+    np.arange(T + 2, dtype="<u2").tofile(shard)
+    meta = {"dtype": "uint16", "splits": {"train": {"shards": [{"file": shard.name, "tokens": T + 2}]}}}
+    sampler = BatchSampler(Shards(tmp_path, "train", meta), T, seed=1)
     _, offset = sampler.global_batch(50)
-    assert set(offset.tolist()) == {0}
+    assert set(offset.tolist()) == {0, 1}
 
 
 def test_flops_per_token_count_each_matmul_once() -> None:
@@ -306,6 +306,10 @@ def test_fp16_overflows_are_the_scalers_business_and_its_state_resumes(tokens: P
     assert state["scaler"]["scale"] == 65536.0 / 8  # halved once per overflow
     resumed = Trainer(train_cfg(tokens, tmp_path, max_steps=12, resume=True), MODEL, Dist(), torch.device("cpu"))
     assert resumed.scaler.get_scale() == 65536.0 / 8 and resumed.step == 10
+    # an overflow that halving the scale 24 times does not cure is no overflow: bad steps, and a stop
+    poison(monkeypatch, set(range(3, 100)), factor=1e30)
+    summary = train(train_cfg(tokens, tmp_path / "stuck", max_steps=60, log_every=5, max_bad_steps=2), MODEL)
+    assert summary["failed"] and "non-finite" in summary["stop_reason"] and summary["steps"] == 30
 
 
 def test_ddp_does_not_broadcast_the_derived_buffers(tokens: Path, tmp_path: Path) -> None:
