@@ -1,4 +1,5 @@
-"""Step 4: is the model any good? Samples, per-sentence perplexity, val bits per byte, and a baseline.
+"""Step 4: is the model any good? Samples (one per tag value too), per-sentence perplexity, val bits per
+byte, and a baseline.
 
     python quick_test.py                      # the most recent run under runs/
     python quick_test.py --run runs/tatar --prompt "Казан шәһәре" --temperature 0.7
@@ -18,7 +19,7 @@ from minigpt.checkpoint import load_run
 from minigpt.cli import cli_command, script_app
 from minigpt.config import QuickTestConfig, Sampling
 from minigpt.corpus import iter_documents
-from minigpt.data import TokenData, eval_windows
+from minigpt.data import TokenData, eval_windows, parse_tag
 from minigpt.evaluate import evaluate, unigram_baseline
 from minigpt.generate import generate_many
 from minigpt.utils import UserError, console, resolve_device, rule
@@ -49,6 +50,19 @@ def main(cfg: QuickTestConfig) -> None:
             rule(f"prompt {i + 1}, temperature {temp}")
             console.print(prompt + run.decode(samples[temp][i][0]), markup=False, highlight=False)
 
+    # 1b. one sample per value of each tag field (a few values), from a document start with that tag
+    by_field: dict[str, list[str]] = {}
+    for token in sorted(run.tags):
+        field, value = parse_tag(token)
+        by_field.setdefault(field, []).append(value)
+    tagged = [{field: value} for field, values in by_field.items() for value in values[: cfg.tag_values]]
+    if tagged:
+        rows = generate_many(model, [run.prompt("", t)[0] for t in tagged], cfg.max_new_tokens,
+                             Sampling(0.8, top_k=100), 1, run.eot, cfg.seed)
+        for t, row in zip(tagged, rows, strict=True):
+            rule(f"tag {', '.join(f'{k}={v}' for k, v in t.items())}, temperature 0.8")
+            console.print(run.decode(row[0]), markup=False, highlight=False)
+
     # 2. perplexity of a few short val sentences (the first line of a document), each from a document start
     table = Table(title="per-sentence perplexity (val)")
     for col in ("sentence", "tokens", "nats/token", "perplexity"):
@@ -62,8 +76,8 @@ def main(cfg: QuickTestConfig) -> None:
 
     # 3. val loss and bits per byte, against a unigram model of the training tokens on the same targets
     windows = eval_windows(data.val, block, cfg.eval_tokens)
-    score = evaluate(model, data, windows, block, 16, device, torch.float32)
-    unigram = unigram_baseline(data, windows, block)
+    score = evaluate(model, data.val.arrays, windows, data.token_bytes, 16, device, torch.float32)
+    unigram = unigram_baseline(data, windows)
     t = Table(title=f"val, {score.tokens:,} tokens ({score.bytes:,} bytes of text)")
     for col in ("model", "loss (nats/token)", "bits per byte"):
         t.add_column(col, justify="right")

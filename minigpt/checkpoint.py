@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from .config import CHECKPOINTS, ModelConfig
-from .data import load_tokenizer
+from .data import load_tokenizer, parse_tag, tag_ids_of, tag_token
 from .model import GPT, int8_matmul, set_inference_dtype, to_int8
 from .utils import UserError, atomic_open, err_console, fsync_dir, read_json, sha256_file, write_json
 
@@ -210,6 +210,29 @@ class Loaded:
     def eot(self) -> int:
         return self.config["data"]["eot_id"]
 
+    @property
+    def tags(self) -> dict[str, int]:
+        """The tag tokens the run was trained with (`<|field=value|>` -> id)."""
+        return self.config["data"].get("tags") or {}
+
+    def known_tags(self) -> str:
+        """The run's tags as `field=value` words, for messages."""
+        return ", ".join("=".join(parse_tag(t)) for t in sorted(self.tags)) or "none (it was trained without tags)"
+
+    def prompt(self, text: str, tags: dict[str, str] | None = None) -> tuple[list[int], int]:
+        """A document start as training saw one: <|endoftext|>, the tag tokens in field order, then the text,
+        whose start is cut if the whole would not leave room for a new token in the context. Returns the
+        ids and how many text tokens were cut."""
+        tags = tags or {}
+        unknown = [f"{k}={v}" for k, v in sorted(tags.items()) if tag_token(k, v) not in self.tags]
+        if unknown:
+            raise UserError(f"{self.folder.parent} knows no tag {', '.join(unknown)}; it knows {self.known_tags()}.")
+        head = [self.eot, *tag_ids_of(tags, self.tags)]
+        ids = self.encode(text)
+        room = max(self.model.cfg.block_size - 1 - len(head), 0)
+        cut = max(len(ids) - room, 0)
+        return head + ids[cut:], cut
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -245,3 +268,31 @@ def load_run(run: str | Path, which: str = "best", device: torch.device | str = 
     if scheme == "int8":
         matmul = f"{int8_matmul(model, device)}, {matmul} activations"
     return Loaded(model, tokenizer, config, folder, matmul)
+
+
+def run_info(loaded: Loaded) -> dict[str, Any]:
+    """What a run is: model shape and size, tokenizer, tags and their documents, training, val figures,
+    files (what `minigpt info` prints and the server's /info returns)."""
+    config, run_dir = loaded.config, loaded.folder.parent
+    data = config.get("data", {})
+    counts = data.get("tag_documents") or {}
+    tags: dict[str, dict[str, int | None]] = {}
+    for token in sorted(loaded.tags):
+        field, value = parse_tag(token)
+        tags.setdefault(field, {})[value] = counts.get(token)
+    best = run_dir / "best" / "config.json"
+    best_config = read_json(best, "checkpoint config") if best.is_file() else {}
+    train = config.get("train", {})
+    return {
+        "run": str(run_dir), "checkpoint": loaded.folder.name, "step": config.get("step"),
+        "quantization": quantization(config), "matmul": loaded.matmul,
+        "model": config["model"], "parameters": loaded.model.num_params(),
+        "tokenizer": {"kind": data.get("kind"), "vocab_size": data.get("vocab_size"),
+                      "sha256": data.get("tokenizer_sha256")},
+        "tags": tags,
+        "train": {"steps": config.get("step"), "max_steps": train.get("max_steps"), "preset": train.get("preset"),
+                  "recipe": train.get("recipe") or None, "data": data.get("folder"), "dataset": data.get("dataset")},
+        "val_loss": best_config.get("val_loss"), "val_bpb": best_config.get("val_bpb"),
+        "files": {p.name: p.stat().st_size for p in sorted(loaded.folder.iterdir()) if p.is_file()},
+    }
+

@@ -1,5 +1,5 @@
 """The faces' glue: Typer options built from the config dataclasses, and the `minigpt` command
-(generate, bench, quantize). The numbered scripts build their options here too."""
+(generate, eval, info, bench, quantize). The numbered scripts build their options here too."""
 
 from __future__ import annotations
 
@@ -15,19 +15,25 @@ from typing import Any
 
 import torch
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .bench import bench_table, run_bench
-from .checkpoint import Loaded, load_run
+from .checkpoint import Loaded, load_run, run_info
 from .config import (
     RECIPE_OPTIONS,
     BenchConfig,
+    EvalConfig,
     GenerateConfig,
+    InfoConfig,
     ModelConfig,
+    PrepareConfig,
     QuantizeConfig,
     Sampling,
     with_recipe,
 )
+from .data import parse_tags
+from .evaluate import eval_run
 from .generate import default_mode, generate, generate_many
 from .quantize import quantize_run
 from .utils import UserError, atomic_open, console, err_console, human_bytes, resolve_device, rule
@@ -86,7 +92,7 @@ def cli_command(
                     cfgs.append({n: kwargs[n] for n in override_names if kwargs[n] is not None})
                 return fn(*cfgs)
             except UserError as e:
-                err_console.print(f"[bold red]error:[/] {e}")
+                err_console.print(f"[bold red]error:[/] {escape(str(e))}")  # a message is text, not markup
                 raise typer.Exit(2) from None
 
         command.__signature__ = inspect.Signature(list(params.values()))  # type: ignore[attr-defined]
@@ -120,15 +126,22 @@ def _root() -> None:
     """Keeps `minigpt <command>` a group even while it has one command."""
 
 
-def prompt_ids(loaded: Loaded, text: str) -> list[int]:
-    """<|endoftext|> + the prompt (a document start, as in training), left-truncated to fit the context."""
-    ids = [loaded.eot, *loaded.encode(text)]
-    room = loaded.model.cfg.block_size - 1
-    if len(ids) > room:
-        err_console.print(f"[yellow]the prompt has {len(ids)} tokens; keeping the last {room} (the context is "
-                          f"{room + 1})[/]")
-        ids = ids[-room:]
+def prompt_ids(loaded: Loaded, text: str, tags: dict[str, str]) -> list[int]:
+    """A document start (<|endoftext|>, the tags) + the prompt, whose start is cut to fit the context."""
+    ids, cut = loaded.prompt(text, tags)
+    if cut:
+        err_console.print(f"[yellow]the prompt is {cut} tokens too long for the context of "
+                          f"{loaded.model.cfg.block_size}; its first {cut} tokens are left out[/]")
     return ids
+
+
+def write_json_line(result: dict[str, Any], path: str) -> None:
+    """The result as one JSON line on stdout (for scripts), and in `path` too when given."""
+    line = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
+    if path:
+        with atomic_open(path, "w", encoding="utf-8") as f:
+            f.write(line + "\n")
+    print(line)
 
 
 class Streamer:
@@ -173,9 +186,10 @@ def generate_cmd(cfg: GenerateConfig, sampling: Sampling) -> None:
     prompts = cfg.prompt or [""]
     if cfg.prompt and any(not p.strip() for p in cfg.prompt):
         raise UserError("a --prompt is empty; give some text, or leave --prompt out to sample from scratch.")
+    tags = parse_tags(cfg.tag)
     stream = cfg.stream and len(prompts) == 1 and cfg.num_samples == 1
     t0 = time.perf_counter()
-    ids = [prompt_ids(loaded, text) for text in prompts]
+    ids = [prompt_ids(loaded, text, tags) for text in prompts]
     if stream:
         sys.stdout.write(prompts[0])
         streamer = Streamer(loaded)
@@ -197,17 +211,78 @@ def generate_cmd(cfg: GenerateConfig, sampling: Sampling) -> None:
                       f"start-up included)[/]", highlight=False)
 
 
+@app.command("eval")
+@cli_command(EvalConfig, PrepareConfig, skip=("name", "val_fraction", "dedup"))
+def eval_cmd(cfg: EvalConfig, read: PrepareConfig) -> None:
+    """Score any text with a run (as the pipeline would encode it, in sliding windows): loss, perplexity,
+    bits per byte and per character; per document and per tag value; then one JSON line."""
+    r = eval_run(cfg, read)
+    t = Table(title=f"eval {r['run']} ({r['checkpoint']}) on {', '.join(r['inputs'])}", title_justify="left")
+    t.add_column("")
+    t.add_column("", justify="right")
+    for label, value in (("documents", f"{r['documents']:,}" if r["documents"] is not None else "-"),
+                         ("tokens scored", f"{r['tokens']:,}"), ("bytes / characters", f"{r['bytes']:,} / "
+                         + (f"{r['chars']:,}" if r["chars"] else "-")), ("loss (nats/token)", f"{r['loss']:.4f}"),
+                         ("perplexity", f"{r['perplexity']:,.2f}"), ("bits per byte", f"{r['bpb']:.4f}"),
+                         ("bits per character", f"{r['bpc']:.4f}" if r["bpc"] else "-"),
+                         ("windows", f"{r['windows']:,} of {r['context']} tokens, stride {r['stride']}"),
+                         ("speed", f"{r['tokens_per_s']:,.0f} tokens/s on {r['device']} ({r['matmul']})")):
+        t.add_row(label, value)
+    console.print(t)
+    for field, values in r["tags"].items():
+        tt = Table(title=f"by {field}", title_justify="left")
+        for col in (field, "documents", "tokens", "bits per byte"):
+            tt.add_column(col, justify="left" if col == field else "right")
+        for value, g in values.items():
+            tt.add_row(value, f"{g['documents']:,}", f"{g['tokens']:,}", f"{g['bpb']:.4f}" if g["bpb"] else "-")
+        console.print(tt)
+    for title, key in (("most surprising documents", "most_surprising"), ("least surprising", "least_surprising")):
+        if r[key]:
+            dt = Table(title=title, title_justify="left")
+            for col in ("bits/byte", "perplexity", "tokens", "document"):
+                dt.add_column(col, justify="left" if col == "document" else "right")
+            for row in r[key]:
+                dt.add_row(f"{row['bpb']:.3f}", f"{row['perplexity']:,.1f}", str(row["tokens"]),
+                           row["head"].replace("\n", " ")[:60])
+            console.print(dt)
+    if r["per_doc"]:
+        console.print(f"per-document figures: {r['per_doc']}")
+    write_json_line(r, cfg.json)
+
+
+@app.command("info")
+@cli_command(InfoConfig)
+def info_cmd(cfg: InfoConfig) -> None:
+    """What a run is: model shape and size, tokenizer, tags (and their documents), training, val bits per
+    byte, files; then one JSON line."""
+    r = run_info(load_run(cfg.run, cfg.checkpoint, "cpu", cfg.runs_dir))
+    m, tok = r["model"], r["tokenizer"]
+    t = Table(title=f"{r['run']} ({r['checkpoint']})", title_justify="left")
+    t.add_column("")
+    t.add_column("")
+    t.add_row("model", f"{m['n_layer']} layers x {m['n_embd']} wide, {m['n_head']} heads, context {m['block_size']}, "
+              f"{m['mlp']}, {'tied' if m['tie_embeddings'] else 'untied'} embeddings; {r['parameters']:,} parameters")
+    t.add_row("tokenizer", f"{tok['kind']}, vocab {tok['vocab_size']:,}")
+    t.add_row("weights", f"{r['quantization']} ({r['matmul']})")
+    t.add_row("training", f"step {r['step']:,} of {r['train']['max_steps']:,}" if r["step"] is not None else "-")
+    t.add_row("val", f"{r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte (best)" if r["val_bpb"] else "-")
+    for field, values in r["tags"].items():
+        t.add_row(f"tag {field}", ", ".join(f"{v} ({n:,} docs)" if n is not None else v for v, n in values.items()))
+    if not r["tags"]:
+        t.add_row("tags", "none")
+    t.add_row("data", str(r["train"]["data"]))
+    t.add_row("files", ", ".join(f"{name} {human_bytes(size)}" for name, size in r["files"].items()))
+    console.print(t)
+    write_json_line(r, cfg.json)
+
+
 @app.command("bench")
 @cli_command(BenchConfig, overrides=ModelConfig)
 def bench_cmd(cfg: BenchConfig, overrides: dict[str, Any]) -> None:
     """Training, generation and data throughput on one device: a table, then one JSON line."""
     result = run_bench(cfg, overrides)
     console.print(bench_table(result))
-    line = json.dumps(result, separators=(",", ":"))
-    if cfg.json:
-        with atomic_open(cfg.json, "w", encoding="utf-8") as f:
-            f.write(line + "\n")
-    print(line)
+    write_json_line(result, cfg.json)
 
 
 @app.command("quantize")

@@ -64,8 +64,9 @@ CHECKPOINTS = ("best", "last")
 class PrepareConfig:
     inputs: list[str] = opt(
         factory=list,
-        help="Text files (.txt, .txt.gz), folders, JSONL (.jsonl, .jsonl.gz), Leipzig .tar.gz archives, "
-        "http(s) URLs, or 'stdlib' (the default: this Python's standard library sources).",
+        help="Text files (.txt, .txt.gz), folders, JSONL (.jsonl, .jsonl.gz), CSV/TSV (.csv, .tsv, .gz too), "
+        "Parquet, Leipzig .tar.gz archives, http(s) URLs, or 'stdlib' (the default: this Python's standard "
+        "library sources).",
         argument=True,
     )
     name: str = opt("", help="Dataset name: output goes to <out-dir>/<name>/ (default: from the first input).")
@@ -83,6 +84,10 @@ class PrepareConfig:
         0.1, help="Drop documents whose undecodable bytes exceed this share of their characters."
     )
     dedup: bool = opt(True, help="Drop exact duplicate documents.")
+    text_column: str = opt("text", help="JSONL, CSV/TSV and Parquet: the field or column that holds the text "
+                                        "(the other short ones become tags).")
+    tag_from_folder: str = opt("", help="Tag each file of a folder with its first-level subfolder's name under "
+                                        "this field (e.g. author: books/Tukay/*.txt -> author=Tukay).")
     download_timeout: float = opt(30.0, help="Seconds without data before a download attempt is abandoned.")
     download_retries: int = opt(5, help="Download attempts (each resumes where the last one stopped).")
 
@@ -93,6 +98,8 @@ class PrepareConfig:
             raise UserError(f"--doc-unit must be auto, file, paragraph or line, got {self.doc_unit!r}.")
         if self.min_chars < 1 or self.max_chars < self.min_chars:
             raise UserError("--min-chars must be at least 1 and no larger than --max-chars.")
+        if not self.text_column or not self.tag_from_folder.replace("_", "").isalnum() and self.tag_from_folder:
+            raise UserError("--text-column must be given and --tag-from-folder must be a plain name (letters, digits, _).")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,6 +288,8 @@ class Sampling:
 @dataclass
 class GenerateConfig:
     prompt: list[str] = opt(factory=list, help="Prompt text; repeat the option for several prompts (generated in one batch).")
+    tag: list[str] = opt(factory=list, help="Condition on a tag, field=value (repeat for several fields); "
+                                           "minigpt info lists the run's tags.")
     run: str = run_opt()
     checkpoint: str = checkpoint_opt()
     runs_dir: str = runs_dir_opt()
@@ -307,6 +316,7 @@ class QuickTestConfig:
     temperature: list[float] = opt(factory=lambda: [0.5, 0.8, 1.0], help="Sampling temperatures to show.")
     max_new_tokens: int = opt(80, help="Tokens per sample.")
     sentences: int = opt(6, help="Val sentences scored for perplexity.")
+    tag_values: int = opt(4, help="Samples for at most this many values of each tag field.")
     eval_tokens: int = eval_tokens_opt()
     device: str = device_opt()
     seed: int = seed_opt()
@@ -316,6 +326,39 @@ class QuickTestConfig:
             Sampling(temperature=t)
         if self.eval_tokens < 1 or self.max_new_tokens < 1:
             raise UserError("--eval-tokens and --max-new-tokens must be at least 1.")
+
+
+# --------------------------------------------------------------------------------------------------
+# minigpt eval and minigpt info
+
+
+@dataclass
+class EvalConfig:
+    run: str = run_opt()
+    checkpoint: str = checkpoint_opt()
+    runs_dir: str = runs_dir_opt()
+    device: str = device_opt()
+    stride: int = opt(0, help="Tokens between window starts (0: half the context, so every token after the first "
+                              "window has at least half a context before it); the context gives non-overlapping windows.")
+    batch_size: int = opt(16, help="Windows per forward pass.")
+    split: str = opt("val", help="For a prepared dataset folder or token shards: the split to score (train or val).")
+    per_doc: str = opt("", help="Write one JSON line per document (text head, tokens, bits per byte, perplexity, "
+                                "tags) to this file.")
+    json: str = opt("", help="Also write the JSON result to this file.")
+
+    def __post_init__(self) -> None:
+        if self.stride < 0 or self.batch_size < 1:
+            raise UserError("--stride must not be negative and --batch-size must be at least 1.")
+        if self.split not in ("train", "val"):
+            raise UserError(f"--split must be train or val, got {self.split!r}.")
+
+
+@dataclass
+class InfoConfig:
+    run: str = run_opt()
+    checkpoint: str = checkpoint_opt()
+    runs_dir: str = runs_dir_opt()
+    json: str = opt("", help="Also write the JSON result to this file.")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Raw text in, clean train/val documents out (the library behind 01_prepare_data.py).
 
-A *document* is a file, a JSONL record, a Leipzig sentence, or (for one big text file) a line or a
-paragraph. Everything streams: memory holds one block of input and one 8-byte hash per document.
+A *document* is a file, a JSONL record, a table row (CSV, TSV, Parquet), a Leipzig sentence, or (for
+one big text file) a line or a paragraph. `read_documents` gives the cleaned documents of any input
+the same way, without de-dup or split (what `minigpt eval` scores). Everything streams: memory holds one block of input and one 8-byte hash per document.
 The split is decided by that hash, so re-running gives the same split and adding data never moves
 an existing document between train and val.
 """
@@ -9,6 +10,7 @@ an existing document between train and val.
 from __future__ import annotations
 
 import codecs
+import csv
 import gzip
 import hashlib
 import io
@@ -147,6 +149,8 @@ class Source:
     files: list[Path]
     unit: str = "file"  # text only: file | paragraph | line
     explicit: bool = True  # named directly by the user: a bad file is an error, not a skipped file
+    root: Path | None = None  # a folder's files: the folder, for --tag-from-folder
+    text_column: str = "text"  # JSONL, CSV/TSV and Parquet: the field that holds the document
 
 
 # Readers yield batches: a list of raw document texts and, for JSONL, a parallel list of tag dicts.
@@ -159,7 +163,14 @@ def _kind_of(name: str) -> str:
         return "jsonl"
     if name.endswith((".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")):
         return "leipzig"
+    if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
+        return "table"
+    if name.endswith(".parquet"):
+        return "parquet"
     return "text"
+
+
+TAGGED_KINDS = ("jsonl", "table", "parquet")  # inputs whose records carry fields besides the text
 
 
 def _open(path: Path, advance: Callable[[int], None]) -> IO[bytes]:
@@ -252,10 +263,11 @@ def resolve_inputs(cfg: PrepareConfig, raw_dir: Path) -> list[Source]:
                 by_kind[_kind_of(p.name)].append(p)
             for kind, fs in by_kind.items():
                 unit = "file" if cfg.doc_unit == "auto" else cfg.doc_unit
-                sources.append(Source(f"{item} ({kind})", kind, fs, unit, explicit=False))
+                sources.append(Source(f"{item} ({kind})", kind, fs, unit, explicit=False, root=path,
+                                      text_column=cfg.text_column))
             continue
         kind = _kind_of(path.name)
-        if kind != "leipzig":
+        if kind not in ("leipzig", "parquet"):
             state = sniff(path)
             if state == "empty":
                 raise UserError(f"input {item} is empty; give a file with text in it.")
@@ -268,7 +280,7 @@ def resolve_inputs(cfg: PrepareConfig, raw_dir: Path) -> list[Source]:
         unit = cfg.doc_unit
         if kind == "text" and unit == "auto":
             unit = _auto_unit(path)
-        sources.append(Source(item, kind, [path], unit))
+        sources.append(Source(item, kind, [path], unit, text_column=cfg.text_column))
     return sources
 
 
@@ -324,10 +336,11 @@ def _read_text(src: Source, path: Path, advance: Callable[[int], None], stats: S
             yield pieces, None
 
 
-def _tags_of(record: dict[str, Any]) -> dict[str, str]:
+def _tags_of(record: dict[str, Any], text_field: str = "text") -> dict[str, str]:
+    """A record's other short string or integer fields: its tags."""
     tags = {}
     for k, v in record.items():
-        if k == "text" or isinstance(v, bool) or not isinstance(v, (str, int)):
+        if k in (text_field, "text") or isinstance(v, bool) or not isinstance(v, (str, int)):
             continue
         v = str(v).strip()
         if v and len(v) <= _TAG_MAX_CHARS and "\n" not in v:
@@ -347,11 +360,11 @@ def _read_jsonl(src: Source, path: Path, advance: Callable[[int], None], stats: 
             except (json.JSONDecodeError, UnicodeDecodeError):
                 stats.malformed(f"{path.name}:{lineno}")
                 continue
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            if not isinstance(record, dict) or not isinstance(record.get(src.text_column), str):
                 stats.malformed(f"{path.name}:{lineno}")
                 continue
-            texts.append(normalize_chars(record["text"]))
-            tags.append(_tags_of(record))
+            texts.append(normalize_chars(record[src.text_column]))
+            tags.append(_tags_of(record, src.text_column))
             if len(texts) == 1024:
                 yield texts, tags
                 texts, tags = [], []
@@ -380,7 +393,94 @@ def _read_leipzig(src: Source, path: Path, advance: Callable[[int], None], stats
         )
 
 
-READERS = {"text": _read_text, "jsonl": _read_jsonl, "leipzig": _read_leipzig}
+def _read_table(src: Source, path: Path, advance: Callable[[int], None], stats: Stats) -> Iterator[Batch]:
+    """CSV or TSV (by extension, .gz too) with a header row: the text column is the document, the other
+    short columns are its tags, as JSONL fields are."""
+    column = src.text_column
+    delimiter = "\t" if path.name.lower().removesuffix(".gz").endswith(".tsv") else ","
+    csv.field_size_limit(2**31 - 1)  # a document may be long
+    with _open(path, advance) as raw:
+        f = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+        reader = csv.DictReader(f, delimiter=delimiter)
+        try:
+            header = reader.fieldnames or []
+        except csv.Error as e:
+            raise UserError(f"{path} is not a readable {delimiter == ',' and 'CSV' or 'TSV'} file ({e}).") from None
+        if column not in header:
+            raise UserError(f"{path} has no {column!r} column (it has {', '.join(map(repr, header[:8])) or 'none'}); "
+                            "name the text column with --text-column.")
+        texts: list[str] = []
+        tags: list[dict[str, str]] = []
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:
+                stats.malformed(f"{path.name}:{reader.line_num}")
+                continue
+            text = row.get(column)
+            if not isinstance(text, str) or None in row:  # too few or too many fields
+                stats.malformed(f"{path.name}:{reader.line_num}")
+                continue
+            texts.append(normalize_chars(text))
+            tags.append(_tags_of(row, column))
+            if len(texts) == 1024:
+                yield texts, tags
+                texts, tags = [], []
+    if texts:
+        yield texts, tags
+
+
+def _read_parquet(src: Source, path: Path, advance: Callable[[int], None], stats: Stats) -> Iterator[Batch]:
+    """Parquet (what Hugging Face datasets ship): the text column is the document, the other short string
+    and integer columns its tags. Needs pyarrow (`pip install 'minigpt[parquet]'`)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"reading {path.name} needs pyarrow; install it with pip install 'minigpt[parquet]'.") from None
+    try:
+        table = pq.ParquetFile(path)
+        names = table.schema_arrow.names
+    except Exception as e:  # pyarrow raises its own error types for files that are not Parquet
+        raise UserError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0][:100]}).") from None
+    column = src.text_column
+    if column not in names:
+        raise UserError(f"{path} has no {column!r} column (it has {', '.join(map(repr, names[:8]))}); name the text "
+                        "column with --text-column.")
+    size, rows = path.stat().st_size, max(table.metadata.num_rows, 1)
+    for batch in table.iter_batches(batch_size=1024):
+        texts: list[str] = []
+        tags: list[dict[str, str]] = []
+        for record in batch.to_pylist():
+            text = record.get(column)
+            if not isinstance(text, str):
+                stats.malformed(f"{path.name}:row")
+                continue
+            texts.append(normalize_chars(text))
+            tags.append(_tags_of(record, column))
+        advance(size * batch.num_rows // rows)
+        if texts:
+            yield texts, tags
+
+
+READERS = {"text": _read_text, "jsonl": _read_jsonl, "leipzig": _read_leipzig, "table": _read_table,
+           "parquet": _read_parquet}
+
+
+def _read(src: Source, path: Path, advance: Callable[[int], None], stats: Stats, folder_tag: str) -> Iterator[Batch]:
+    """A source file's batches, with the tag its first-level subfolder gives when `folder_tag` is set
+    (a record's own field of that name wins)."""
+    extra: dict[str, str] = {}
+    if folder_tag and src.root is not None:
+        parts = path.relative_to(src.root).parts
+        value = parts[0].strip() if len(parts) > 1 else ""
+        if value and len(value) <= _TAG_MAX_CHARS:
+            extra = {folder_tag: value}
+    for texts, tags in READERS[src.kind](src, path, advance, stats):
+        if extra:
+            tags = [extra | t for t in tags] if tags is not None else [dict(extra) for _ in texts]
+        yield texts, tags
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,19 +511,21 @@ class Stats:
             self.malformed_examples.append(where)
 
 
-def _process_batch(
-    cfg: PrepareConfig,
-    texts: list[str],
-    tags: list[dict[str, str]] | None,
-    single: bool,
-    seen: SeenHashes,
-    sinks: dict[str, IO[str]],
-    fmt: str,
-    stats: Stats,
-    per_src: Counter,
-) -> None:
-    """Filters, de-dup and split for one batch of normalised texts: a lean loop per document (tidy,
-    filter, hash), then de-dup and split over the whole batch's hashes at once."""
+@dataclass
+class Cleaned:
+    """One batch after cleaning and filters: the kept documents, where they came from in the batch (for
+    their tags), their 64-bit hashes and their sizes in bytes."""
+
+    texts: list[str]
+    where: list[int]
+    hashes: np.ndarray
+    nbytes: np.ndarray
+
+
+def _clean_batch(
+    cfg: PrepareConfig, texts: list[str], single: bool, stats: Stats, per_src: Counter
+) -> Cleaned:
+    """Tidy and filter one batch of normalised texts: a lean loop per document (tidy, filter, hash)."""
     lo, hi, max_bad = cfg.min_chars, cfg.max_chars, cfg.max_bad_fraction
     kept: list[str] = []
     where: list[int] = []  # index in `texts` of each kept document (for its tags)
@@ -464,10 +566,27 @@ def _process_batch(
         where.append(i)
         digests.append(doc_digest(raw))
         nbytes.append(len(raw))
-    hashes = np.frombuffer(b"".join(digests), dtype="<u8")
+    stats.undecodable_bytes += bad_total
+    per_src["documents_in"] += docs_in
+    return Cleaned(kept, where, np.frombuffer(b"".join(digests), dtype="<u8"), np.array(nbytes, dtype=np.int64))
+
+
+def _process_batch(
+    cfg: PrepareConfig,
+    texts: list[str],
+    tags: list[dict[str, str]] | None,
+    single: bool,
+    seen: SeenHashes,
+    sinks: dict[str, IO[str]],
+    fmt: str,
+    stats: Stats,
+    per_src: Counter,
+) -> None:
+    """Cleaning and filters for one batch, then de-dup and split over the whole batch's hashes at once."""
+    c = _clean_batch(cfg, texts, single, stats, per_src)
+    kept, where, hashes = c.texts, c.where, c.hashes
     new = seen.add(hashes) if cfg.dedup else np.ones(len(kept), dtype=bool)
     is_val = hashes < np.uint64(int(cfg.val_fraction * 2**64))  # val_fraction < 1: the bound fits
-    sizes = np.array(nbytes, dtype=np.int64)
     end = "\n" + DOC_SEP + "\n"  # text: each document ends with a separator line
     for split, mask in (("train", new & ~is_val), ("val", new & is_val)):
         chosen = np.flatnonzero(mask).tolist()
@@ -486,12 +605,10 @@ def _process_batch(
         if payload:
             sinks[split].write(payload)
         stats.docs[split] += len(docs)
-        stats.bytes[split] += int(sizes[mask].sum())
+        stats.bytes[split] += int(c.nbytes[mask].sum())
         stats.chars[split] += sum(map(len, docs))
     dups = len(kept) - int(new.sum())
     stats.duplicates += dups
-    stats.undecodable_bytes += bad_total
-    per_src["documents_in"] += docs_in
     per_src["documents_kept"] += len(kept) - dups
     per_src["duplicates"] += dups
 
@@ -514,9 +631,25 @@ def process(cfg: PrepareConfig, sources: list[Source], sinks: dict[str, IO[str]]
             per_src = stats.sources[src.label]
             for path in src.files:
                 per_src["bytes_in"] += path.stat().st_size
-                for texts, tags in READERS[src.kind](src, path, advance, stats):
+                for texts, tags in _read(src, path, advance, stats, cfg.tag_from_folder):
                     _process_batch(cfg, texts, tags, single, seen, sinks, fmt, stats, per_src)
     return stats
+
+
+def read_documents(cfg: PrepareConfig, stats: Stats | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+    """(text, tags) of every document of `cfg.inputs`, read and cleaned exactly as `prepare` does, but
+    neither de-duplicated nor split. Counts (drops, malformed lines) go to `stats`."""
+    stats = stats if stats is not None else Stats()
+    for src in resolve_inputs(cfg, Path(cfg.out_dir) / "raw"):
+        single = src.kind == "leipzig" or src.unit == "line"
+        per_src = stats.sources[src.label]
+        for path in src.files:
+            per_src["bytes_in"] += path.stat().st_size
+            for texts, tags in _read(src, path, lambda n: None, stats, cfg.tag_from_folder):
+                c = _clean_batch(cfg, texts, single, stats, per_src)
+                per_src["documents_kept"] += len(c.texts)
+                for text, i in zip(c.texts, c.where, strict=True):
+                    yield text, (tags[i] if tags else {})
 
 
 def prepare(cfg: PrepareConfig) -> tuple[Path, dict[str, Any]]:
@@ -525,7 +658,8 @@ def prepare(cfg: PrepareConfig) -> tuple[Path, dict[str, Any]]:
     sources = resolve_inputs(cfg, out_root / "raw")
     name = cfg.name or default_name(cfg.inputs)
     out = out_root / name
-    fmt = "jsonl" if any(s.kind == "jsonl" for s in sources) else "text"
+    tagged = cfg.tag_from_folder or any(s.kind in TAGGED_KINDS for s in sources)
+    fmt = "jsonl" if tagged else "text"
     ext = ".jsonl" if fmt == "jsonl" else ".txt"
     start = time.perf_counter()
     # Both splits go to temp files that replace the old ones only once everything succeeded.

@@ -12,6 +12,7 @@ byte per symbol, a character its UTF-8 length, a byte-fallback token one byte, a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,29 @@ FORMAT_VERSION = 1  # of meta.json and the shards
 
 def tag_token(field: str, value: str) -> str:
     return f"<|{field}={value}|>"
+
+
+def parse_tag(token: str) -> tuple[str, str]:
+    """`<|field=value|>` -> (field, value)."""
+    field, _, value = token.removeprefix("<|").removesuffix("|>").partition("=")
+    return field, value
+
+
+def parse_tags(specs: list[str]) -> dict[str, str]:
+    """`--tag field=value` options -> {field: value}."""
+    tags = {}
+    for spec in specs:
+        field, sep, value = spec.partition("=")
+        if not sep or not field.strip() or not value.strip():
+            raise UserError(f"--tag {spec!r} is not field=value; write it like --tag lang=tt.")
+        tags[field.strip()] = value.strip()
+    return tags
+
+
+def tag_ids_of(tags: dict[str, str], known: dict[str, int]) -> list[int]:
+    """The tag tokens a document starts with, as the shards hold them: one per field, in field order, for
+    the values that have a token (`known`: tag token -> id; other values, like ids, have none)."""
+    return [known[t] for k, v in sorted(tags.items()) if (t := tag_token(k, v)) in known]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,14 +177,44 @@ class BatchSampler:
         self.rng.bit_generator.state = state
 
 
-def eval_windows(shards: Shards, block_size: int, max_tokens: int) -> list[tuple[int, int]]:
-    """Fixed, non-overlapping (shard, offset) windows of `block_size + 1` tokens scoring up to `max_tokens`
-    of val: all of them when the split is that small, else that many spread evenly over the whole split
-    (the start of a split is not a fair sample of it)."""
-    per_shard = -(-np.maximum(shards.lengths - block_size, 0) // block_size)  # offsets 0, T, 2T ... < n - T
-    total, want = int(per_shard.sum()), -(-max_tokens // block_size)
-    picks = np.arange(total) if total <= want else ((np.arange(want) + 0.5) * total / want).astype(np.int64)
-    ends = np.cumsum(per_shard)
-    shard = np.searchsorted(ends, picks, side="right")
-    offset = (picks - (ends[shard] - per_shard[shard])) * block_size
-    return list(zip(shard.tolist(), offset.tolist(), strict=True))
+@dataclass(frozen=True)
+class Window:
+    """Tokens [offset, offset + length) of source (shard, stream) number `source`: every token after the
+    first is a target, and the first `skip` targets are only context (an earlier window scored them)."""
+
+    source: int
+    offset: int
+    length: int
+    skip: int = 0
+
+
+def sliding_windows(n: int, block_size: int, stride: int, source: int = 0) -> list[Window]:
+    """Windows of up to `block_size + 1` tokens over a stream of `n` that score every token but the first
+    exactly once: one every `stride` tokens, each scoring its targets not yet scored (so every target
+    after the first window has at least `block_size - stride` tokens of context), and a last window
+    aligned to the end of the stream. `stride` = `block_size` gives non-overlapping windows."""
+    if n < 2:
+        return []
+    if n <= block_size + 1:
+        return [Window(source, 0, n)]
+    windows, scored, offset = [], 0, 0  # targets at positions <= `scored` are done (position 0 is none)
+    while True:
+        windows.append(Window(source, offset, block_size + 1, scored - offset))
+        scored = offset + block_size
+        if scored == n - 1:
+            return windows
+        offset = min(offset + stride, n - 1 - block_size)
+
+
+def eval_windows(shards: Shards, block_size: int, max_tokens: int) -> list[Window]:
+    """Fixed evaluation windows over the shards of a split: non-overlapping, and covering every token
+    (each shard's last window reaches its end) when the split holds at most about `max_tokens`; else
+    that many tokens' worth of whole windows spread evenly over the split (the start of a split is not
+    a fair sample of it)."""
+    every = [w for s, n in enumerate(shards.lengths) for w in sliding_windows(int(n), block_size, block_size, s)]
+    want = -(-max_tokens // block_size)
+    if len(every) <= want:
+        return every
+    whole = [w for w in every if w.skip == 0 and w.length == block_size + 1]
+    picks = ((np.arange(min(want, len(whole))) + 0.5) * len(whole) / min(want, len(whole))).astype(np.int64)
+    return [whole[i] for i in picks]

@@ -69,13 +69,14 @@ def quantize_run(cfg: QuantizeConfig) -> dict[str, Any]:
     windows = eval_windows(data.val, block, cfg.eval_tokens)
     prompt = [before.eot, *before.encode("The")][:8]
     report: dict[str, Any] = {"run": str(run_dir), "out": str(out_dir), "to": cfg.to, "device": str(device),
-                              "matmul": after.matmul, "val_tokens": len(windows) * block}
+                              "matmul": after.matmul}
     for label, loaded in (("before", before), ("after", after)):
         with console.status(f"measuring {label}..."):
-            score = evaluate(loaded.model, data, windows, block, 16, device, torch.float32)
+            score = evaluate(loaded.model, data.val.arrays, windows, data.token_bytes, 16, device, torch.float32)
             mode = default_mode(device)
             speed = {rows: decode_tokens_per_s(loaded.model, prompt, cfg.new_tokens, rows, mode) for rows in (1, 32)}
         size = (loaded.folder / "model.safetensors").stat().st_size
+        report["val_tokens"] = score.tokens
         report[label] = {"bytes": size, "val_loss": score.loss, "val_bpb": score.bpb,
                          "decode_batch1_tokens_per_s": speed[1], "decode_batch32_tokens_per_s": speed[32],
                          "matmul": loaded.matmul}

@@ -30,7 +30,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from .config import TokenizerConfig
 from .corpus import iter_documents
-from .data import EOT, FORMAT_VERSION, tag_token
+from .data import EOT, FORMAT_VERSION, tag_ids_of, tag_token
 from .utils import (
     PlainProgress,
     UserError,
@@ -183,7 +183,7 @@ def encode_split(
         ids: list[int] = []
         for (text, tags), enc in zip(batch, encodings, strict=True):
             if tags:
-                ids += [tag_ids[t] for k, v in sorted(tags.items()) if (t := tag_token(k, v)) in tag_ids]
+                ids += tag_ids_of(tags, tag_ids)
             ids += enc.ids
             ids.append(eot)
             nbytes += len(text.encode("utf-8"))
@@ -314,6 +314,8 @@ def build(cfg: TokenizerConfig) -> TokenizerResult:
         "vocab_size": vocab_size,
         "eot_id": eot,
         "tags": tag_ids,
+        "tag_documents": {t: n for field, values in stats.get("tags", {}).items() for value, n in values.items()
+                          if (t := tag_token(field, value)) in tag_ids},
         "tokenizer_sha256": sha256_file(out / "tokenizer.json"),
         "dataset": str(data),
         "splits": splits,

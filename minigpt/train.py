@@ -240,7 +240,7 @@ class Trainer:
             "model": dataclasses.asdict(self.mcfg),
             "train": dataclasses.asdict(cfg),
             "data": {k: data.meta[k] for k in ("kind", "vocab_size", "eot_id", "tags", "tokenizer_sha256", "dataset")}
-            | {"folder": str(data.folder)},
+            | {"folder": str(data.folder), "tag_documents": data.meta.get("tag_documents", {})},
         }
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tok = load_tokenizer(data.tokenizer_json) if d.main else None
@@ -422,8 +422,8 @@ class Trainer:
 
     def validate(self, elapsed: float) -> tuple[Score, bool]:
         """Val loss and bits per byte; saves `best` when better. Returns (score, out of patience)."""
-        score = evaluate(self.eval_model, self.data, self.windows, self.mcfg.block_size, self.cfg.batch_size,
-                         self.device, self.dtype, self.d)
+        score = evaluate(self.eval_model, self.data.val.arrays, self.windows, self.data.token_bytes,
+                         self.cfg.batch_size, self.device, self.dtype, self.d)
         improved = score.loss < self.best
         if improved:
             self.best, self.best_bpb, self.bad_evals = score.loss, score.bpb, 0

@@ -14,8 +14,8 @@ from conftest import shared_corpus
 
 from minigpt.config import ModelConfig, PrepareConfig, TokenizerConfig
 from minigpt.corpus import prepare
-from minigpt.data import TokenData, eval_windows, load_tokenizer
-from minigpt.evaluate import evaluate, unigram_baseline
+from minigpt.data import TokenData, eval_windows, load_tokenizer, sliding_windows
+from minigpt.evaluate import evaluate, unigram_baseline, window_targets
 from minigpt.model import GPT
 from minigpt.tokenizer import build
 from minigpt.utils import Dist
@@ -60,8 +60,8 @@ def test_bits_per_byte_counts_the_bytes_of_the_scored_tokens(char_tokens: Path) 
     model = toy_model(data.vocab_size)
     windows = eval_windows(data.val, 32, 320)
     assert 0 < len(windows) * 32 < data.val.tokens  # a part of val, not all of it
-    score = evaluate(model, data, windows, 32, 4, CPU, torch.float32)
-    targets = np.concatenate([data.val.arrays[s][o + 1 : o + 33] for s, o in windows]).tolist()
+    score = evaluate(model, data.val.arrays, windows, data.token_bytes, 4, CPU, torch.float32)
+    targets = window_targets(data.val.arrays, windows).tolist()
     text_bytes = sum(len(tok.decode([t], skip_special_tokens=True).encode("utf-8")) for t in targets)
     assert score.tokens == len(targets) and score.bytes == text_bytes
     assert score.bpb == pytest.approx(score.loss * score.tokens / math.log(2) / text_bytes, rel=1e-9)
@@ -69,34 +69,46 @@ def test_bits_per_byte_counts_the_bytes_of_the_scored_tokens(char_tokens: Path) 
     assert abs(text_bytes / len(targets) - split_average) > 1e-3  # the old formula would be off here
 
 
-def test_eval_windows_spread_over_the_whole_split(tokens: Path) -> None:
+def test_eval_windows_cover_the_split_or_spread_over_it(tokens: Path) -> None:
     data = TokenData(tokens)
     T = 16
     every = eval_windows(data.val, T, 10**9)
-    starts = np.cumsum([0, *data.val.lengths[:-1]])
-    assert len(every) == sum(-(-max(int(n) - T, 0) // T) for n in data.val.lengths)
+    covered = {(w.source, p) for w in every for p in range(w.offset + 1 + w.skip, w.offset + w.length)}
+    assert covered == {(s, p) for s, n in enumerate(data.val.lengths) for p in range(1, int(n))}  # all, once
+    assert sum(w.length - 1 - w.skip for w in every) == len(covered)
     some = eval_windows(data.val, T, 5 * T)
-    assert len(some) == 5 and len(set(some)) == 5 and set(some) <= set(every)
-    place = [starts[s] + o for s, o in some]
+    assert len(some) == 5 and len(set(some)) == 5 and all(w.skip == 0 and w.length == T + 1 for w in some)
+    starts = np.cumsum([0, *data.val.lengths[:-1]])
+    place = [starts[w.source] + w.offset for w in some]
     assert place == sorted(place)
     assert place[0] < data.val.tokens / 5 and place[-1] > data.val.tokens * 3 / 5  # not just the start
-    for s, o in every:
-        assert o + T + 1 <= data.val.lengths[s]  # inside its shard
+    for w in every + some:
+        assert w.offset + w.length <= data.val.lengths[w.source]  # inside its shard
+
+
+@pytest.mark.parametrize(("n", "stride"), [(1, 4), (3, 4), (5, 4), (6, 4), (13, 4), (13, 2), (10, 1), (200, 3)])
+def test_sliding_windows_score_every_token_once_with_enough_context(n: int, stride: int) -> None:
+    windows = sliding_windows(n, 4, stride)
+    positions = [p for w in windows for p in range(w.offset + 1 + w.skip, w.offset + w.length)]
+    assert positions == list(range(1, n))  # every token but the first, once, in order
+    assert all(w.length == min(n, 5) and w.offset + w.length <= n for w in windows)
+    for w in windows[1:-1]:
+        assert w.skip >= 4 - stride  # each scored target sees at least block - stride tokens before it
 
 
 def test_loss_is_against_the_next_token_and_the_mode_is_restored(tokens: Path) -> None:
     data = TokenData(tokens)
     model = toy_model(data.vocab_size)
     windows = eval_windows(data.val, 32, 32 * 6)
-    x = torch.from_numpy(np.stack([data.val.arrays[s][o : o + 33] for s, o in windows]).astype(np.int64))
+    x = torch.from_numpy(np.stack([data.val.arrays[w.source][w.offset : w.offset + 33] for w in windows]).astype(np.int64))
     with torch.no_grad():
         expected = F.cross_entropy(model(x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten()).item()
     for training in (True, False):
         model.train(training)
-        score = evaluate(model, data, windows, 32, 4, CPU, torch.float32)
+        score = evaluate(model, data.val.arrays, windows, data.token_bytes, 4, CPU, torch.float32)
         assert model.training == training
         assert score.loss == pytest.approx(expected, abs=1e-5)
-    unigram = unigram_baseline(data, windows, 32)
+    unigram = unigram_baseline(data, windows)
     assert unigram.tokens == score.tokens and unigram.bytes == score.bytes and unigram.loss > 0
 
 
@@ -115,10 +127,31 @@ def test_every_process_runs_the_same_passes_and_padding_counts_zero(tokens: Path
     totals = []
     for rank in (0, 1):
         calls.clear()
-        score = evaluate(model, data, windows, 32, 1, CPU, torch.float32, Dist(rank, 2))
+        score = evaluate(model, data.val.arrays, windows, data.token_bytes, 1, CPU, torch.float32, Dist(rank, 2))
         totals.append((len(calls), score.tokens, score.loss * score.tokens, score.bytes))
-    whole = evaluate(model, data, windows, 32, 1, CPU, torch.float32)
+    whole = evaluate(model, data.val.arrays, windows, data.token_bytes, 1, CPU, torch.float32)
     assert totals[0][0] == totals[1][0] == 2
     assert totals[0][1] + totals[1][1] == whole.tokens == 96
     assert totals[0][2] + totals[1][2] == pytest.approx(whole.loss * whole.tokens, rel=1e-6)
     assert totals[0][3] + totals[1][3] == whole.bytes
+
+
+@pytest.mark.parametrize("stride", [1, 3, 8])
+def test_each_target_is_scored_with_the_context_its_window_gives(stride: int) -> None:
+    """Against a plain forward per target: the loss of token p is the model's on the window's tokens
+    before p (at least block - stride of them, once past the first window)."""
+    model = toy_model(50, block=8).eval()
+    torch.manual_seed(1)
+    stream = torch.randint(0, 50, (30,)).numpy()
+    windows = sliding_windows(len(stream), 8, stride)
+    per_token = [np.full(len(stream), np.nan, dtype=np.float32)]
+    score = evaluate(model, [stream], windows, np.ones(50, dtype=np.int64), 3, CPU, torch.float32,
+                     per_token=per_token)
+    for w in windows:
+        for p in range(w.offset + 1 + w.skip, w.offset + w.length):
+            with torch.no_grad():
+                logits = model(torch.from_numpy(stream[w.offset : p]).long()[None]).logits[0, -1]
+            expected = F.cross_entropy(logits[None], torch.tensor([int(stream[p])])).item()
+            assert per_token[0][p] == pytest.approx(expected, abs=1e-5), (w, p)
+    assert np.isnan(per_token[0][0]) and not np.isnan(per_token[0][1:]).any()
+    assert score.tokens == 29 and score.loss == pytest.approx(float(per_token[0][1:].mean()), abs=1e-6)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import MODEL_ARGS, ROOT
 
 from minigpt.utils import PlainProgress, console
@@ -26,6 +27,7 @@ def run_to_file(tmp_path: Path, *args: str) -> str:
     return text
 
 
+@pytest.mark.slow
 def test_scripts_write_plain_unwrapped_logs(toy_txt: Path, tmp_path: Path) -> None:
     out = run_to_file(tmp_path, str(ROOT / "01_prepare_data.py"), str(toy_txt), "--out-dir", str(tmp_path / "data"),
                      "--val-fraction", "0.3")

@@ -88,6 +88,7 @@ def test_int8_generation_matches_its_dequantized_reference(run: Path) -> None:
     assert all(m.dynamic is not None for m in q.modules() if isinstance(m, Int8Linear)) == (path == "int8 cpu-dynamic")
 
 
+@pytest.mark.slow
 def test_quantized_runs_load_everywhere_and_report(run: Path, tmp_path: Path) -> None:
     reports = {}
     for kind in ("int8", "bf16", "fp16"):
