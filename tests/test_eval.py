@@ -8,12 +8,13 @@ import json
 import math
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import MODEL, ROOT, assert_user_error, metrics, run_script, train_cfg
+from conftest import MODEL, ROOT, assert_user_error, metrics, run_script, shared_corpus, train_cfg
 from tokenizers import Tokenizer, decoders, models
 
 from minigpt.checkpoint import load_run
@@ -219,3 +220,35 @@ def test_tag_from_folder(tmp_path: Path) -> None:
     docs = dict(iter_documents(data, "train"))
     assert docs["A poem 1 by Tukay."] == {"author": "Tukay"} and docs["No author here."] == {}
     assert stats["tags"] == {"author": {"Tukay": 3, "Pushkin": 2}}
+
+
+def script_share(text: str) -> tuple[float, float]:
+    """(Cyrillic, Latin) shares of the letters in `text`."""
+    letters = [c for c in text if c.isalpha()]
+    names = [unicodedata.name(c, "") for c in letters]
+    n = max(len(letters), 1)
+    return sum("CYRILLIC" in x for x in names) / n, sum("LATIN" in x for x in names) / n
+
+
+@pytest.mark.slow
+def test_a_language_tag_steers_the_samples(tmp_path: Path) -> None:
+    """The small version of the tagged experiment in the README: Tatar sentences tagged lang=tt and
+    Shakespeare tagged lang=en, a tiny model trained for about 40 s on 2 cores; 20 samples with each tag
+    are at least 95% letters of that script, and eval scores each language apart."""
+    tt = shared_corpus("tatar_cv.txt").read_text(encoding="utf-8").splitlines()[:3000]
+    en = shared_corpus("tinyshakespeare.txt").read_text(encoding="utf-8").split("\n\n")[:1200]
+    mix = tmp_path / "mix.jsonl"
+    mix.write_text("\n".join(json.dumps({"text": t, "lang": lang}, ensure_ascii=False)
+                             for lang, texts in (("tt", tt), ("en", en)) for t in texts), encoding="utf-8")
+    data, _ = prepare(PrepareConfig(inputs=[str(mix)], out_dir=str(tmp_path / "data")))
+    tokens = build(TokenizerConfig(data=str(data), vocab_size=1024)).out
+    train(train_cfg(tokens, tmp_path / "runs", batch_size=16, max_steps=300, lr=3e-3, warmup_steps=30, log_every=50,
+                    eval_every=300, eval_tokens=8192), {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64})
+    loaded = load_run(tmp_path / "runs" / "run")
+    for lang, script in (("tt", 0), ("en", 1)):
+        rows = generate(loaded.model, loaded.prompt("", {"lang": lang})[0], 60, Sampling(0.8, top_k=40), rows=20,
+                        eot=loaded.eot, seed=1)
+        share = script_share("".join(loaded.decode(r) for r in rows))[script]
+        assert share >= 0.95, (lang, share)
+    r = eval_json("--run", str(tmp_path / "runs" / "run"), "--device", "cpu", str(data))
+    assert set(r["tags"]["lang"]) == {"tt", "en"} and all(g["bpb"] > 0 for g in r["tags"]["lang"].values())
