@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from minigpt.checkpoint import load_run
 from minigpt.cli import cli_command, script_app
 from minigpt.config import QuickTestConfig, Sampling
 from minigpt.corpus import iter_documents
-from minigpt.data import TokenData, eval_windows, parse_tag
+from minigpt.data import TokenData, eval_windows, parse_tag, tag_ids_of
 from minigpt.evaluate import evaluate, unigram_baseline
 from minigpt.generate import generate_many
 from minigpt.utils import UserError, console, resolve_device, rule
@@ -40,8 +41,8 @@ def main(cfg: QuickTestConfig) -> None:
 
     # 1. samples: the given prompts, else the first words of a few val documents
     dataset = Path(data.meta["dataset"])
-    val_docs = [t for t, _ in itertools.islice(iter_documents(dataset, "val"), 200)] if dataset.exists() else []
-    prompts = cfg.prompt or [" ".join(d.split(" ")[:4])[:40] for d in val_docs[:3]] or [""]
+    val_docs = list(itertools.islice(iter_documents(dataset, "val"), 200)) if dataset.exists() else []
+    prompts = cfg.prompt or [" ".join(d.split(" ")[:4])[:40] for d, _ in val_docs[:3]] or [""]
     ids = [[run.eot, *run.encode(prompt)][-(block - 1) :] for prompt in prompts]
     samples = {temp: generate_many(model, ids, cfg.max_new_tokens, Sampling(temp, top_k=100), 1, run.eot, cfg.seed)
                for temp in cfg.temperature}  # all prompts in one batch per temperature
@@ -67,11 +68,13 @@ def main(cfg: QuickTestConfig) -> None:
     table = Table(title="per-sentence perplexity (val)")
     for col in ("sentence", "tokens", "nats/token", "perplexity"):
         table.add_column(col, justify="left" if col == "sentence" else "right")
-    lines = [d.splitlines()[0].strip() for d in val_docs if d.strip()]
-    for sentence in [s for s in lines if 10 <= len(s) <= 300][: cfg.sentences]:
-        ids = torch.tensor([[run.eot, *run.encode(sentence)][: block + 1]], device=device)
-        loss = float(model(ids[:, :-1], ids[:, 1:]).loss)
-        table.add_row(sentence[:70], str(ids.size(1) - 1), f"{loss:.3f}", f"{math.exp(loss):.1f}")
+    lines = [(d.splitlines()[0].strip(), tags) for d, tags in val_docs if d.strip()]
+    for sentence, tags in [(s, t) for s, t in lines if 10 <= len(s) <= 300][: cfg.sentences]:
+        # from a document start, with the document's tags, as the shards hold it
+        ids = [run.eot, *tag_ids_of(tags, run.tags), *run.encode(sentence)][: block + 1]
+        x = torch.tensor([ids], device=device)
+        loss = float(model(x[:, :-1], x[:, 1:]).loss)
+        table.add_row(escape(sentence[:70]), str(x.size(1) - 1), f"{loss:.3f}", f"{math.exp(loss):.1f}")
     console.print(table)
 
     # 3. val loss and bits per byte, against a unigram model of the training tokens on the same targets

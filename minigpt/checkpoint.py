@@ -240,8 +240,10 @@ class Loaded:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def load_run(run: str | Path, which: str = "best", device: torch.device | str = "cpu", runs_dir: str = "runs") -> Loaded:
-    """A run's checkpoint `which`, ready for inference on `device` (bf16 on GPUs that have it).
+def load_run(run: str | Path, which: str = "best", device: torch.device | str = "cpu", runs_dir: str = "runs",
+             cast: bool = True) -> Loaded:
+    """A run's checkpoint `which`, ready for inference on `device`: in bf16 on GPUs that have it (`cast`),
+    else in the checkpoint's own precision (what training evaluates, under autocast).
 
     `best` falls back to `last` only when the run has no `best` at all (say, stopped before its first
     evaluation), and says so; a damaged checkpoint is an error, never silently replaced by another.
@@ -264,15 +266,15 @@ def load_run(run: str | Path, which: str = "best", device: torch.device | str = 
     scheme = quantization(config)
     device = torch.device(device)
     bf16 = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    matmul = set_inference_dtype(model, bf16 if scheme != "fp16" else None)  # an fp16 run stays fp16
+    matmul = set_inference_dtype(model, bf16 if scheme != "fp16" and cast else None)  # an fp16 run stays fp16
     if scheme == "int8":
         matmul = f"{int8_matmul(model, device)}, {matmul} activations"
     return Loaded(model, tokenizer, config, folder, matmul)
 
 
 def run_info(loaded: Loaded) -> dict[str, Any]:
-    """What a run is: model shape and size, tokenizer, tags and their documents, training, val figures,
-    files (what `minigpt info` prints and the server's /info returns)."""
+    """What a run is: model shape and size, tokenizer, tags and their documents, training, val figures
+    (a quantized run's own are not known: its source's are under `quantization_source`), files."""
     config, run_dir = loaded.config, loaded.folder.parent
     data = config.get("data", {})
     counts = data.get("tag_documents") or {}
@@ -280,8 +282,9 @@ def run_info(loaded: Loaded) -> dict[str, Any]:
     for token in sorted(loaded.tags):
         field, value = parse_tag(token)
         tags.setdefault(field, {})[value] = counts.get(token)
-    best = run_dir / "best" / "config.json"
-    best_config = read_json(best, "checkpoint config") if best.is_file() else {}
+    best_config: dict[str, Any] = {}
+    with contextlib.suppress(UserError):  # no best (yet), or unreadable: no val figures to show
+        best_config = read_json(run_dir / "best" / "config.json", "checkpoint config")
     train = config.get("train", {})
     return {
         "run": str(run_dir), "checkpoint": loaded.folder.name, "step": config.get("step"),
@@ -293,6 +296,7 @@ def run_info(loaded: Loaded) -> dict[str, Any]:
         "train": {"steps": config.get("step"), "max_steps": train.get("max_steps"), "preset": train.get("preset"),
                   "recipe": train.get("recipe") or None, "data": data.get("folder"), "dataset": data.get("dataset")},
         "val_loss": best_config.get("val_loss"), "val_bpb": best_config.get("val_bpb"),
+        "quantization_source": config.get("quantization", {}).get("source"),
         "files": {p.name: p.stat().st_size for p in sorted(loaded.folder.iterdir()) if p.is_file()},
     }
 

@@ -217,7 +217,8 @@ def eval_cmd(cfg: EvalConfig, read: PrepareConfig) -> None:
     """Score any text with a run (as the pipeline would encode it, in sliding windows): loss, perplexity,
     bits per byte and per character; per document and per tag value; then one JSON line."""
     r = eval_run(cfg, read)
-    t = Table(title=f"eval {r['run']} ({r['checkpoint']}) on {', '.join(r['inputs'])}", title_justify="left")
+    # paths, tag values and document texts are the user's text: escaped, never read as markup
+    t = Table(title=escape(f"eval {r['run']} ({r['checkpoint']}) on {', '.join(r['inputs'])}"), title_justify="left")
     t.add_column("")
     t.add_column("", justify="right")
     for label, value in (("documents", f"{r['documents']:,}" if r["documents"] is not None else "-"),
@@ -230,11 +231,11 @@ def eval_cmd(cfg: EvalConfig, read: PrepareConfig) -> None:
         t.add_row(label, value)
     console.print(t)
     for field, values in r["tags"].items():
-        tt = Table(title=f"by {field}", title_justify="left")
+        tt = Table(title=escape(f"by {field}"), title_justify="left")
         for col in (field, "documents", "tokens", "bits per byte"):
             tt.add_column(col, justify="left" if col == field else "right")
         for value, g in values.items():
-            tt.add_row(value, f"{g['documents']:,}", f"{g['tokens']:,}", f"{g['bpb']:.4f}" if g["bpb"] else "-")
+            tt.add_row(escape(value), f"{g['documents']:,}", f"{g['tokens']:,}", f"{g['bpb']:.4f}" if g["bpb"] else "-")
         console.print(tt)
     for title, key in (("most surprising documents", "most_surprising"), ("least surprising", "least_surprising")):
         if r[key]:
@@ -243,10 +244,15 @@ def eval_cmd(cfg: EvalConfig, read: PrepareConfig) -> None:
                 dt.add_column(col, justify="left" if col == "document" else "right")
             for row in r[key]:
                 dt.add_row(f"{row['bpb']:.3f}", f"{row['perplexity']:,.1f}", str(row["tokens"]),
-                           row["head"].replace("\n", " ")[:60])
+                           escape(row["head"].replace("\n", " ")[:60]))
             console.print(dt)
     if r["per_doc"]:
-        console.print(f"per-document figures: {r['per_doc']}")
+        console.print(f"per-document figures: {escape(r['per_doc'])}")
+    skipped = r["skipped"]
+    if skipped["malformed"] or skipped["dropped"]:
+        dropped = ", ".join(f"{n} {why}" for why, n in skipped["dropped"].items()) or "none"
+        console.print(f"[yellow]not scored: {skipped['malformed']} malformed record(s); documents dropped by "
+                      f"cleaning: {dropped}[/]")
     write_json_line(r, cfg.json)
 
 
@@ -257,21 +263,24 @@ def info_cmd(cfg: InfoConfig) -> None:
     byte, files; then one JSON line."""
     r = run_info(load_run(cfg.run, cfg.checkpoint, "cpu", cfg.runs_dir))
     m, tok = r["model"], r["tokenizer"]
-    t = Table(title=f"{r['run']} ({r['checkpoint']})", title_justify="left")
+    t = Table(title=escape(f"{r['run']} ({r['checkpoint']})"), title_justify="left")
     t.add_column("")
     t.add_column("")
     t.add_row("model", f"{m['n_layer']} layers x {m['n_embd']} wide, {m['n_head']} heads, context {m['block_size']}, "
               f"{m['mlp']}, {'tied' if m['tie_embeddings'] else 'untied'} embeddings; {r['parameters']:,} parameters")
     t.add_row("tokenizer", f"{tok['kind']}, vocab {tok['vocab_size']:,}")
-    t.add_row("weights", f"{r['quantization']} ({r['matmul']})")
+    t.add_row("weights", f"{r['quantization']} ({r['matmul']})" + (
+        escape(f", from {r['quantization_source']}") if r["quantization_source"] else ""))
     t.add_row("training", f"step {r['step']:,} of {r['train']['max_steps']:,}" if r["step"] is not None else "-")
-    t.add_row("val", f"{r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte (best)" if r["val_bpb"] else "-")
+    t.add_row("val", f"{r['val_loss']:.4f} nats/token, {r['val_bpb']:.4f} bits/byte (best)" if r["val_bpb"]
+              else "- (minigpt quantize reports a quantized run's)" if r["quantization_source"] else "-")
     for field, values in r["tags"].items():
-        t.add_row(f"tag {field}", ", ".join(f"{v} ({n:,} docs)" if n is not None else v for v, n in values.items()))
+        t.add_row(escape(f"tag {field}"), escape(", ".join(f"{v} ({n:,} docs)" if n is not None else v
+                                                          for v, n in values.items())))
     if not r["tags"]:
         t.add_row("tags", "none")
-    t.add_row("data", str(r["train"]["data"]))
-    t.add_row("files", ", ".join(f"{name} {human_bytes(size)}" for name, size in r["files"].items()))
+    t.add_row("data", escape(str(r["train"]["data"])))
+    t.add_row("files", escape(", ".join(f"{name} {human_bytes(size)}" for name, size in r["files"].items())))
     console.print(t)
     write_json_line(r, cfg.json)
 

@@ -100,6 +100,8 @@ class PrepareConfig:
             raise UserError("--min-chars must be at least 1 and no larger than --max-chars.")
         if not self.text_column or not self.tag_from_folder.replace("_", "").isalnum() and self.tag_from_folder:
             raise UserError("--text-column must be given and --tag-from-folder must be a plain name (letters, digits, _).")
+        if self.tag_from_folder in ("text", self.text_column):
+            raise UserError(f"--tag-from-folder {self.tag_from_folder} would replace the text; name the tag field otherwise.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,13 +344,15 @@ class EvalConfig:
                               "window has at least half a context before it); the context gives non-overlapping windows.")
     batch_size: int = opt(16, help="Windows per forward pass.")
     split: str = opt("val", help="For a prepared dataset folder or token shards: the split to score (train or val).")
+    eval_tokens: int = opt(0, help="Token shards only: score the windows training scores with this --eval-tokens "
+                                   "(whole windows spread over the split; 0: every token, in sliding windows).")
     per_doc: str = opt("", help="Write one JSON line per document (text head, tokens, bits per byte, perplexity, "
                                 "tags) to this file.")
     json: str = opt("", help="Also write the JSON result to this file.")
 
     def __post_init__(self) -> None:
-        if self.stride < 0 or self.batch_size < 1:
-            raise UserError("--stride must not be negative and --batch-size must be at least 1.")
+        if self.stride < 0 or self.batch_size < 1 or self.eval_tokens < 0:
+            raise UserError("--stride and --eval-tokens must not be negative and --batch-size must be at least 1.")
         if self.split not in ("train", "val"):
             raise UserError(f"--split must be train or val, got {self.split!r}.")
 

@@ -340,7 +340,7 @@ def _tags_of(record: dict[str, Any], text_field: str = "text") -> dict[str, str]
     """A record's other short string or integer fields: its tags."""
     tags = {}
     for k, v in record.items():
-        if k in (text_field, "text") or isinstance(v, bool) or not isinstance(v, (str, int)):
+        if not k or k in (text_field, "text") or isinstance(v, bool) or not isinstance(v, (str, int)):
             continue
         v = str(v).strip()
         if v and len(v) <= _TAG_MAX_CHARS and "\n" not in v:
@@ -400,7 +400,7 @@ def _read_table(src: Source, path: Path, advance: Callable[[int], None], stats: 
     delimiter = "\t" if path.name.lower().removesuffix(".gz").endswith(".tsv") else ","
     csv.field_size_limit(2**31 - 1)  # a document may be long
     with _open(path, advance) as raw:
-        f = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+        f = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")  # Excel writes a BOM
         reader = csv.DictReader(f, delimiter=delimiter)
         try:
             header = reader.fieldnames or []
@@ -420,7 +420,7 @@ def _read_table(src: Source, path: Path, advance: Callable[[int], None], stats: 
                 stats.malformed(f"{path.name}:{reader.line_num}")
                 continue
             text = row.get(column)
-            if not isinstance(text, str) or None in row:  # too few or too many fields
+            if not isinstance(text, str) or None in row or None in row.values():  # too many or too few fields
                 stats.malformed(f"{path.name}:{reader.line_num}")
                 continue
             texts.append(normalize_chars(text))
@@ -477,10 +477,15 @@ def _read(src: Source, path: Path, advance: Callable[[int], None], stats: Stats,
         value = parts[0].strip() if len(parts) > 1 else ""
         if value and len(value) <= _TAG_MAX_CHARS:
             extra = {folder_tag: value}
-    for texts, tags in READERS[src.kind](src, path, advance, stats):
-        if extra:
-            tags = [extra | t for t in tags] if tags is not None else [dict(extra) for _ in texts]
-        yield texts, tags
+    try:
+        for texts, tags in READERS[src.kind](src, path, advance, stats):
+            if extra:
+                tags = [extra | t for t in tags] if tags is not None else [dict(extra) for _ in texts]
+            yield texts, tags
+    except (OSError, EOFError) as e:  # a corrupt or cut .gz, a file that vanished
+        if src.explicit:
+            raise UserError(f"{path} cannot be read to its end ({e}); check the file or download it again.") from None
+        stats.drop("unreadable", src.label)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -709,7 +714,7 @@ def default_name(inputs: list[str]) -> str:
     if not inputs or inputs == ["stdlib"]:
         return "stdlib"
     first = inputs[0].rstrip("/").split("?")[0].split("/")[-1] or "corpus"
-    for suffix in (".gz", ".tgz", ".tar", ".jsonl", ".ndjson", ".txt"):
+    for suffix in (".gz", ".tgz", ".tar", ".jsonl", ".ndjson", ".txt", ".csv", ".tsv", ".parquet"):
         first = first.removesuffix(suffix)
     name = re.sub(r"[^\w.-]+", "_", first).strip("._") or "corpus"
     return name if len(inputs) == 1 else f"{name}_plus{len(inputs) - 1}"

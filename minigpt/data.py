@@ -38,11 +38,13 @@ def parse_tag(token: str) -> tuple[str, str]:
 
 def parse_tags(specs: list[str]) -> dict[str, str]:
     """`--tag field=value` options -> {field: value}."""
-    tags = {}
+    tags: dict[str, str] = {}
     for spec in specs:
         field, sep, value = spec.partition("=")
         if not sep or not field.strip() or not value.strip():
             raise UserError(f"--tag {spec!r} is not field=value; write it like --tag lang=tt.")
+        if field.strip() in tags:
+            raise UserError(f"--tag gives {field.strip()} twice; a document has one value per field.")
         tags[field.strip()] = value.strip()
     return tags
 

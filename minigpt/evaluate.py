@@ -26,9 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from .checkpoint import Loaded, load_run
 from .config import EvalConfig, PrepareConfig
 from .corpus import Stats, iter_documents, read_documents
-from .data import TokenData, Window, sliding_windows, tag_ids_of, token_byte_lengths
-from .model import activation_dtype
-from .utils import Dist, UserError, atomic_open, autocast, console, progress, resolve_device
+from .data import TokenData, Window, eval_windows, parse_tag, sliding_windows, tag_ids_of, token_byte_lengths
+from .utils import Dist, UserError, atomic_open, autocast, console, progress, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -186,12 +185,17 @@ def eval_run(cfg: EvalConfig, read: PrepareConfig) -> dict[str, Any]:
     if not read.inputs:
         raise UserError("give the text to score: files, folders, JSONL/CSV/Parquet, a prepared dataset or token shards.")
     device = resolve_device(cfg.device)
-    loaded = load_run(cfg.run, cfg.checkpoint, device, cfg.runs_dir)
+    # training's precision (its weights, bf16 autocast on GPUs), so that eval agrees with training's figures
+    loaded = load_run(cfg.run, cfg.checkpoint, device, cfg.runs_dir, cast=False)
     T = loaded.model.cfg.block_size
     stride = cfg.stride or max(T // 2, 1)
     if stride > T:
         raise UserError(f"--stride {stride} is longer than the context ({T}); use at most {T}.")
     kind = _input_kind(read.inputs)
+    if kind == "shards" and cfg.per_doc:
+        raise UserError("token shards hold no document texts for --per-doc; give the prepared dataset folder instead.")
+    if kind != "shards" and cfg.eval_tokens:
+        raise UserError("--eval-tokens picks training's windows over token shards; give the token-shard folder.")
     documents: list[Document] | None = None
     stats = Stats()
     if kind == "shards":
@@ -209,11 +213,15 @@ def eval_run(cfg: EvalConfig, read: PrepareConfig) -> dict[str, Any]:
                         "text field; see --text-column)" if stats.malformed_lines else ""
             raise UserError(f"no text to score in {', '.join(read.inputs)} after cleaning{malformed}.")
         streams, token_bytes = [stream], token_byte_lengths(loaded.tokenizer)
-    windows = [w for s, arr in enumerate(streams) for w in sliding_windows(len(arr), T, stride, s)]
+    if kind == "shards" and cfg.eval_tokens:  # exactly the windows training scores with this --eval-tokens
+        windows = eval_windows(data.val if cfg.split == "val" else data.train, T, cfg.eval_tokens)
+        stride = T
+    else:
+        windows = [w for s, arr in enumerate(streams) for w in sliding_windows(len(arr), T, stride, s)]
     if not windows:
         raise UserError(f"{', '.join(read.inputs)} holds fewer than two tokens: nothing to score.")
     per_token = [np.full(len(a), np.nan, dtype=np.float32) for a in streams] if documents is not None else None
-    dtype = activation_dtype(loaded.model)
+    dtype = resolve_dtype("auto", device)
     start = time.perf_counter()
     columns = [TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with progress(*columns) as bars:
@@ -231,14 +239,18 @@ def eval_run(cfg: EvalConfig, read: PrepareConfig) -> dict[str, Any]:
         "bpb": score.bpb, "bpc": score.loss * score.tokens / math.log(2) / chars if chars else None,
         "seconds": seconds, "tokens_per_s": score.tokens / max(seconds, 1e-9),
         "tags": {}, "most_surprising": [], "least_surprising": [], "per_doc": cfg.per_doc or None,
+        "skipped": {"dropped": dict(stats.dropped), "malformed": stats.malformed_lines},
     }
     if documents is not None and per_token is not None:
-        _per_document(report, documents, per_token[0], cfg.per_doc)
+        fields = {parse_tag(t)[0] for t in loaded.tags}  # the fields the run conditions on (ids have no token)
+        _per_document(report, documents, per_token[0], cfg.per_doc, fields)
     return report
 
 
-def _per_document(report: dict[str, Any], documents: list[Document], nats: np.ndarray, per_doc: str) -> None:
-    """Per-document figures (and the file of them), the most and least surprising, the per-tag table."""
+def _per_document(report: dict[str, Any], documents: list[Document], nats: np.ndarray, per_doc: str,
+                  fields: set[str]) -> None:
+    """Per-document figures (and the file of them), the most and least surprising, and a table per tag field
+    the run has tokens for."""
     rows, groups = [], defaultdict(lambda: [0, 0.0, 0, 0])  # (field, value) -> documents, nats, tokens, bytes
     for i, doc in enumerate(documents):
         doc_nats = float(nats[doc.start : doc.end].astype(np.float64).sum())
@@ -248,6 +260,8 @@ def _per_document(report: dict[str, Any], documents: list[Document], nats: np.nd
                "perplexity": math.exp(min(doc_nats / tokens, 700.0)), "tags": doc.tags}
         rows.append(row)
         for field, value in doc.tags.items():
+            if field not in fields:
+                continue
             g = groups[(field, value)]
             g[0], g[1], g[2], g[3] = g[0] + 1, g[1] + doc_nats, g[2] + tokens, g[3] + doc.bytes
     for (field, value), (n, doc_nats, tokens, nbytes) in sorted(groups.items()):

@@ -58,7 +58,8 @@ def quantize_run(cfg: QuantizeConfig) -> dict[str, Any]:
     else:
         tensors = {k: v.to(SCHEMES[cfg.to]) for k, v in model_tensors(src.model).items()}
         info = {"scheme": cfg.to}
-    config = {k: v for k, v in src.config.items() if k != "format_version"}
+    # the source's val figures are not this run's: they stay with the source (quantize measures the new ones)
+    config = {k: v for k, v in src.config.items() if k not in ("format_version", "val_loss", "val_bpb")}
     config["quantization"] = info | {"source": str(src.folder), "source_step": src.config.get("step")}
     save_checkpoint(out_dir, "best", src.model, config, src.folder / "tokenizer.json", tensors=tensors)
 

@@ -12,6 +12,7 @@ import unicodedata
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import MODEL, ROOT, assert_user_error, metrics, run_script, shared_corpus, train_cfg
@@ -67,6 +68,15 @@ def test_eval_on_the_val_shards_reproduces_training(tagged: dict[str, Path]) -> 
     assert f"val_bpb {last_eval['val_bpb']:.4f}" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_eval_tokens_picks_the_windows_training_spreads_over_a_larger_split(tagged: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    train(train_cfg(tagged["tokens"], tmp_path, max_steps=10, eval_every=10, eval_tokens=256), MODEL)
+    last_eval = [r for r in metrics(tmp_path / "run") if "val_bpb" in r][-1]
+    r = eval_json("--run", str(tmp_path / "run"), "--checkpoint", "last", "--eval-tokens", "256", "--device", "cpu",
+                  str(tagged["tokens"]))
+    assert r["tokens"] == 256 and r["windows"] == 8 and r["bpb"] == pytest.approx(last_eval["val_bpb"], abs=1e-4)
+
+
 def test_eval_of_text_per_document_and_per_tag(tagged: dict[str, Path], tmp_path: Path) -> None:
     per_doc = tmp_path / "docs.jsonl"
     r = eval_json("--run", str(tagged["run"]), "--device", "cpu", "--per-doc", str(per_doc), "--json",
@@ -80,7 +90,7 @@ def test_eval_of_text_per_document_and_per_tag(tagged: dict[str, Path], tmp_path
     nats = sum(row["bpb"] * row["bytes"] * math.log(2) for row in rows)
     assert nats / r["tokens"] == pytest.approx(r["loss"], rel=1e-5)
     assert r["bpc"] == pytest.approx(r["bpb"] * r["bytes"] / r["chars"], rel=1e-9)
-    assert set(r["tags"]) == {"lang", "id"} and set(r["tags"]["lang"]) == {"tt", "en"}
+    assert set(r["tags"]) == {"lang"} and set(r["tags"]["lang"]) == {"tt", "en"}  # id: no token, no table
     assert r["tags"]["lang"]["tt"]["documents"] == 200 and r["tags"]["lang"]["en"]["bpb"] > 0
     assert len(r["most_surprising"]) == 5 and r["most_surprising"][0]["bpb"] >= r["least_surprising"][0]["bpb"]
     assert rows[0]["tags"] == {"lang": "tt", "id": "doc-0"}
@@ -116,6 +126,23 @@ def test_eval_errors(tagged: dict[str, Path], tmp_path: Path) -> None:
                       "longer than the context")
     other = build(TokenizerConfig(data=str(tagged["data"]), char=True)).out
     assert_user_error(run_script("minigpt", "eval", "--run", run, str(other)), "another tokenizer")
+    assert_user_error(run_script("minigpt", "eval", "--run", run, "--per-doc", str(tmp_path / "d.jsonl"),
+                                 str(tagged["tokens"])), "no document texts")
+    assert_user_error(run_script("minigpt", "eval", "--run", run, "--eval-tokens", "64", str(tagged["source"])),
+                      "token-shard folder")
+    cut = tmp_path / "cut.csv.gz"
+    whole = gzip.compress(("text,lang\n" + "".join(f"line {i * 7919 % 10007},en\n" for i in range(20000))).encode())
+    cut.write_bytes(whole[: len(whole) // 2])
+    assert_user_error(run_script("minigpt", "eval", "--run", run, str(cut)), "cannot be read to its end")
+
+
+def test_eval_prints_document_text_as_text(tagged: dict[str, Path], tmp_path: Path) -> None:
+    """Brackets in a document (BBCode, markup) are shown as they are, never read as console markup."""
+    forum = tmp_path / "forum.txt"
+    forum.write_text("[/quote] I disagree [b]strongly[/b].\n[red]not red[/red] and [/] alone\n", encoding="utf-8")
+    proc = run_script("minigpt", "eval", "--run", str(tagged["run"]), str(forum))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[/quote] I disagree [b]strongly[/b]." in proc.stdout and "[red]not red[/red]" in proc.stdout
 
 
 def test_a_tokenizer_that_cannot_encode_the_text_is_an_error() -> None:
@@ -145,6 +172,8 @@ def test_tags_in_generation_and_info(tagged: dict[str, Path]) -> None:
     assert_user_error(run_script("minigpt", "generate", "--run", run, "--tag", "lang=fr"),
                       "knows no tag lang=fr", "lang=en, lang=tt")
     assert_user_error(run_script("minigpt", "generate", "--run", run, "--tag", "lang"), "field=value")
+    assert_user_error(run_script("minigpt", "generate", "--run", run, "--tag", "lang=tt", "--tag", "lang=en"),
+                      "gives lang twice")
     proc = run_script("minigpt", "info", "--run", run)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -191,10 +220,10 @@ def test_tables_are_documents_with_tags(tmp_path: Path, name: str) -> None:
 
 def test_a_table_with_broken_rows_keeps_the_good_ones(tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
-    path.write_text("text,lang\nfirst row,en\nsecond row,en,extra\n\"third row\",tt\nfourth\n", encoding="utf-8")
+    path.write_bytes("\ufefftext,lang\nfirst row,en\nsecond row,en,extra\n\"third row\",tt\nfourth\n".encode())
     data, stats = prepare(PrepareConfig(inputs=[str(path)], out_dir=str(tmp_path / "data"), val_fraction=0.0))
-    assert [t for t, _ in iter_documents(data, "train")] == ["first row", "third row", "fourth"]
-    assert stats["malformed_lines"] == 1  # too many fields; a missing one is an empty tag
+    assert [t for t, _ in iter_documents(data, "train")] == ["first row", "third row"]  # Excel's BOM is no column
+    assert stats["malformed_lines"] == 2 and stats["malformed_examples"] == ["t.csv:3", "t.csv:5"]
 
 
 def test_parquet_without_pyarrow_names_the_extra(tmp_path: Path) -> None:
@@ -220,6 +249,12 @@ def test_tag_from_folder(tmp_path: Path) -> None:
     docs = dict(iter_documents(data, "train"))
     assert docs["A poem 1 by Tukay."] == {"author": "Tukay"} and docs["No author here."] == {}
     assert stats["tags"] == {"author": {"Tukay": 3, "Pushkin": 2}}
+    (books / "Tukay" / "own.jsonl").write_text(json.dumps({"text": "Signed.", "author": "Габдулла Тукай"}) + "\n")
+    data, _ = prepare(PrepareConfig(inputs=[str(books)], out_dir=str(tmp_path / "d2"), val_fraction=0.0,
+                                    tag_from_folder="author"))
+    assert dict(iter_documents(data, "train"))["Signed."] == {"author": "Габдулла Тукай"}  # a record's own field wins
+    with pytest.raises(UserError, match="would replace the text"):
+        PrepareConfig(inputs=[str(books)], tag_from_folder="text")
 
 
 def script_share(text: str) -> tuple[float, float]:
@@ -252,3 +287,15 @@ def test_a_language_tag_steers_the_samples(tmp_path: Path) -> None:
         assert share >= 0.95, (lang, share)
     r = eval_json("--run", str(tmp_path / "runs" / "run"), "--device", "cpu", str(data))
     assert set(r["tags"]["lang"]) == {"tt", "en"} and all(g["bpb"] > 0 for g in r["tags"]["lang"].values())
+
+
+def test_eval_encodes_documents_exactly_as_the_shards_hold_them(tagged: dict[str, Path]) -> None:
+    """The val documents encoded by eval, after its leading <|endoftext|>, are the val shards token for
+    token: the same tag tokens in the same order, the same text ids, the same separators."""
+    loaded = load_run(tagged["run"])
+    stream, docs = encode_documents(loaded, iter_documents(tagged["data"], "val"))
+    meta = json.loads((tagged["tokens"] / "meta.json").read_text())
+    shards = [np.fromfile(tagged["tokens"] / s["file"], dtype="<u2") for s in meta["splits"]["val"]["shards"]]
+    assert stream[0] == loaded.eot and stream[1:].tolist() == np.concatenate(shards).tolist()
+    assert len(docs) == meta["splits"]["val"]["documents"] and docs[-1].end == len(stream)
+    assert all(stream[d.start] in loaded.tags.values() for d in docs)  # every document opens with its tag

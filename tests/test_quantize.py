@@ -121,6 +121,9 @@ def test_errors(run: Path, tmp_path: Path) -> None:
     assert run_script("minigpt", "quantize", "--run", str(run), "--out", str(out), "--device", "cpu",
                       "--eval-tokens", "1024", "--new-tokens", "4").returncode == 0
     assert_user_error(run_script("minigpt", "quantize", "--run", str(out), "--device", "cpu"), "already quantized to int8")
+    info = json.loads(run_script("minigpt", "info", "--run", str(out)).stdout.strip().splitlines()[-1])
+    assert info["quantization"] == "int8" and info["quantization_source"] == str(run / "best")
+    assert info["val_bpb"] is None  # the source run's figure is not this run's
     wrong = tmp_path / "wrong"
     shutil.copytree(run, wrong)
     tok = build(TokenizerConfig(data=str(run.parent.parent / "data" / "toy"), char=True)).out / "tokenizer.json"
