@@ -24,6 +24,7 @@ from .config import (
     RECIPE_OPTIONS,
     BenchConfig,
     EvalConfig,
+    ExportConfig,
     GenerateConfig,
     InfoConfig,
     ModelConfig,
@@ -34,6 +35,7 @@ from .config import (
 )
 from .data import parse_tags
 from .evaluate import eval_run
+from .export import export_run
 from .generate import default_mode, generate, generate_many
 from .quantize import quantize_run
 from .utils import UserError, atomic_open, console, err_console, human_bytes, resolve_device, rule
@@ -282,6 +284,18 @@ def info_cmd(cfg: InfoConfig) -> None:
     t.add_row("data", escape(str(r["train"]["data"])))
     t.add_row("files", escape(", ".join(f"{name} {human_bytes(size)}" for name, size in r["files"].items())))
     console.print(t)
+    write_json_line(r, cfg.json)
+
+
+@app.command("export")
+@cli_command(ExportConfig)
+def export_cmd(cfg: ExportConfig) -> None:
+    """A run as a Hugging Face transformers folder (--format hf, LlamaForCausalLM) or ONNX (--format onnx)."""
+    r = export_run(cfg)
+    console.print(f"wrote {escape(r['out'])} ({r['format']}, {r['size']}, {r['seconds']:.1f} s): "
+                  + escape(", ".join(r["files"])))
+    if r["format"] == "onnx":
+        console.print(f"onnxruntime vs PyTorch: max |logit difference| {r['max_abs_diff']:.2e} (opset {r['opset']})")
     write_json_line(r, cfg.json)
 
 

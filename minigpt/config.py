@@ -365,6 +365,23 @@ class InfoConfig:
     json: str = opt("", help="Also write the JSON result to this file.")
 
 
+@dataclass
+class ExportConfig:
+    out: str = opt("", help="The folder to write (it must not exist, or be empty, unless --force).", argument=True)
+    run: str = run_opt()
+    checkpoint: str = checkpoint_opt()
+    runs_dir: str = runs_dir_opt()
+    format: str = opt("hf", help="hf (a Hugging Face transformers folder, LlamaForCausalLM) or onnx (token ids -> logits).")
+    force: bool = opt(False, help="Replace the folder if it exists.")
+    json: str = opt("", help="Also write the JSON result to this file.")
+
+    def __post_init__(self) -> None:
+        if self.format not in ("hf", "onnx"):
+            raise UserError(f"unknown --format {self.format!r}; choose hf or onnx.")
+        if not self.out:
+            raise UserError("give the folder to export to: minigpt export --run R OUT.")
+
+
 # --------------------------------------------------------------------------------------------------
 # minigpt bench
 

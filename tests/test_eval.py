@@ -19,9 +19,9 @@ from conftest import MODEL, ROOT, assert_user_error, metrics, run_script, shared
 from tokenizers import Tokenizer, decoders, models
 
 from minigpt.checkpoint import load_run
-from minigpt.config import PrepareConfig, Sampling, TokenizerConfig
+from minigpt.config import EvalConfig, PrepareConfig, Sampling, TokenizerConfig
 from minigpt.corpus import iter_documents, prepare
-from minigpt.evaluate import encode_documents
+from minigpt.evaluate import encode_documents, eval_run
 from minigpt.generate import generate
 from minigpt.tokenizer import build
 from minigpt.train import train
@@ -116,24 +116,25 @@ def test_a_smaller_stride_gives_more_context_and_no_higher_loss(toy_dataset: Pat
 def test_eval_errors(tagged: dict[str, Path], tmp_path: Path) -> None:
     run = str(tagged["run"])
     assert_user_error(run_script("minigpt", "eval", "--run", run, str(tmp_path / "nope.txt")), "does not exist")
+
+    def refused(match: str, *inputs: Path, **options: object) -> None:
+        with pytest.raises(UserError, match=match):
+            eval_run(EvalConfig(run=run, device="cpu", **options), PrepareConfig(inputs=[str(i) for i in inputs]))
+
     (tmp_path / "empty.txt").write_text("")
-    assert_user_error(run_script("minigpt", "eval", "--run", run, str(tmp_path / "empty.txt")), "is empty")
+    refused("is empty", tmp_path / "empty.txt")
     (tmp_path / "notext.jsonl").write_text('{"body": "hello"}\n{"body": "world"}\n')
-    assert_user_error(run_script("minigpt", "eval", "--run", run, str(tmp_path / "notext.jsonl")),
-                      "no text to score", "2 malformed", "--text-column")
-    assert_user_error(run_script("minigpt", "eval", "--run", run), "give the text to score")
-    assert_user_error(run_script("minigpt", "eval", "--run", run, "--stride", "64", str(tagged["source"])),
-                      "longer than the context")
+    refused("no text to score .*2 malformed records: .* 'text' text field; see --text-column", tmp_path / "notext.jsonl")
+    refused("give the text to score")
+    refused("longer than the context", tagged["source"], stride=64)
     other = build(TokenizerConfig(data=str(tagged["data"]), char=True)).out
-    assert_user_error(run_script("minigpt", "eval", "--run", run, str(other)), "another tokenizer")
-    assert_user_error(run_script("minigpt", "eval", "--run", run, "--per-doc", str(tmp_path / "d.jsonl"),
-                                 str(tagged["tokens"])), "no document texts")
-    assert_user_error(run_script("minigpt", "eval", "--run", run, "--eval-tokens", "64", str(tagged["source"])),
-                      "token-shard folder")
+    refused("another tokenizer", other)
+    refused("no document texts", tagged["tokens"], per_doc=str(tmp_path / "d.jsonl"))
+    refused("token-shard folder", tagged["source"], eval_tokens=64)
     cut = tmp_path / "cut.csv.gz"
     whole = gzip.compress(("text,lang\n" + "".join(f"line {i * 7919 % 10007},en\n" for i in range(20000))).encode())
     cut.write_bytes(whole[: len(whole) // 2])
-    assert_user_error(run_script("minigpt", "eval", "--run", run, str(cut)), "cannot be read to its end")
+    refused("cannot be read to its end", cut)
 
 
 def test_eval_prints_document_text_as_text(tagged: dict[str, Path], tmp_path: Path) -> None:

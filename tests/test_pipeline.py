@@ -15,7 +15,7 @@ from conftest import ROOT
 def test_run_pipeline_end_to_end(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
     cmd = ["bash", str(ROOT / "run_pipeline.sh"), "--data-dir", str(tmp_path / "data"), "--runs-dir",
-           str(tmp_path / "runs"), "--device", "cpu", "--max-steps", "150", "--", "--eval-every", "75", "--eval-tokens", "65536"]
+           str(tmp_path / "runs"), "--device", "cpu", "--max-steps", "100", "--", "--eval-every", "50", "--eval-tokens", "65536"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
@@ -25,7 +25,7 @@ def test_run_pipeline_end_to_end(tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "data" / "stdlib" / "bpe8192" / "meta.json").read_text())
     assert meta["vocab_size"] == 8192 and meta["roundtrip"]["failures"] == 0
     evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in ln]
-    assert [e["step"] for e in evals] == [75, 150] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert [e["step"] for e in evals] == [50, 100] and evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert "val_bpb" in out and "minigpt generate --run" in out
     samples = out.split("4/4 quick test")[1]
     assert any(word in samples for word in ("def ", "return", "self", "import")), samples[:2000]

@@ -129,8 +129,8 @@ def test_sigkill_at_random_moments_then_resume_reaches_the_same_final_loss(token
     folder loads after each kill, then resume to the end: the losses match an uninterrupted run."""
     def cmd(runs: Path, resume: bool) -> list[str]:
         return [sys.executable, str(ROOT / "03_train.py"), "--data", str(tokens), "--runs-dir", str(runs), "--name",
-                "run", "--device", "cpu", "--batch-size", "8", "--max-steps", "200", "--lr", "3e-3", "--log-every", "10",
-                "--eval-every", "50", "--eval-tokens", "2048", "--save-every", "10", "--dropout", "0.1", *MODEL_ARGS,
+                "run", "--device", "cpu", "--batch-size", "8", "--max-steps", "120", "--lr", "3e-3", "--log-every", "10",
+                "--eval-every", "40", "--eval-tokens", "2048", "--save-every", "10", "--dropout", "0.1", *MODEL_ARGS,
                 *(["--resume"] if resume else [])]
 
     whole = subprocess.run(cmd(tmp_path / "whole", False), env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
@@ -165,7 +165,7 @@ def test_sigkill_at_random_moments_then_resume_reaches_the_same_final_loss(token
     evals = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln]
     evals_whole = [json.loads(ln) for ln in (tmp_path / "whole" / "run" / "metrics.jsonl").read_text().splitlines()
                    if "val_loss" in ln]
-    assert evals == evals_whole and evals[-1]["step"] == 200
+    assert evals == evals_whole and evals[-1]["step"] == 120
 
 
 # A training process that kills itself with SIGKILL inside the swap of its `last` checkpoint, from step

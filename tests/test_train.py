@@ -90,12 +90,21 @@ def start_and_stop(cmd: list[str], sig: int, after_step: int) -> subprocess.Pope
     return proc
 
 
+@pytest.fixture(scope="module")
+def whole_run(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run the interrupted ones must match (made once for both signals)."""
+    runs = tmp_path_factory.mktemp("whole")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    subprocess.run(train_cmd(tokens, runs), check=True, env=env, capture_output=True)
+    return runs / "run"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_interrupted_then_resumed_run_logs_identical_losses(tokens: Path, tmp_path: Path, sig: int) -> None:
+def test_interrupted_then_resumed_run_logs_identical_losses(tokens: Path, tmp_path: Path, sig: int,
+                                                           whole_run: Path) -> None:
     """Dropout on, so the RNG state matters too. SIGINT saves on the spot; SIGKILL loses up to 5 steps."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    subprocess.run(train_cmd(tokens, tmp_path / "whole"), check=True, env=env, capture_output=True)
     stopped = start_and_stop(train_cmd(tokens, tmp_path / "split"), sig, after_step=23)
     if sig == signal.SIGINT:
         assert stopped.returncode == 0
@@ -104,7 +113,7 @@ def test_interrupted_then_resumed_run_logs_identical_losses(tokens: Path, tmp_pa
     resumed = subprocess.run(train_cmd(tokens, tmp_path / "split", "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming at step" in resumed.stdout
-    assert losses(tmp_path / "split" / "run") == losses(tmp_path / "whole" / "run")  # exactly, every step
+    assert losses(tmp_path / "split" / "run") == losses(whole_run)  # exactly, every step
 
 
 @pytest.mark.slow

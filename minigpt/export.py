@@ -1,0 +1,234 @@
+"""`minigpt export`: a run as a Hugging Face transformers folder (Llama) or as ONNX, each checked to give
+the logits of the original.
+
+The architecture is a Llama in all but name: RoPE in the half-split convention (the one transformers'
+`rotate_half` uses, so no permutation of the query/key rows), RMSNorm, SwiGLU, no biases, tied or untied
+embeddings. The fused qkv matrix splits into q/k/v rows, the fused SwiGLU `up` into gate (first half)
+and up (second half). A `--mlp gelu` model has no Llama equivalent and is refused. int8 runs export
+their dequantised weights (q * scale), which is exactly what their reference matmul path computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, processors
+
+from .checkpoint import Loaded, load_run, quantization
+from .config import ExportConfig
+from .data import EOT, parse_tag
+from .model import GPT, Int8Embedding, Int8Linear, dequantize
+from .utils import UserError, console, fsync_dir, human_bytes, write_json
+
+EXTRA = "pip install 'minigpt[export]'"
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    """A Linear's or embedding's weight as fp32, int8 ones dequantised."""
+    if isinstance(module, (Int8Linear, Int8Embedding)):
+        return dequantize(module.weight, module.scale.float())
+    return module.weight.detach().float()
+
+
+def llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's weights under transformers' LlamaForCausalLM names (fp32, contiguous, on the CPU)."""
+    cfg = model.cfg
+    if cfg.mlp != "swiglu":
+        raise UserError(f"a --mlp {cfg.mlp} model has no Llama equivalent (Llama's MLP is SwiGLU); export needs a "
+                        "run trained with --mlp swiglu.")
+    C, hidden = cfg.n_embd, cfg.mlp_hidden
+    out = {"model.embed_tokens.weight": _weight(model.wte), "model.norm.weight": model.norm_f.weight.detach().float()}
+    for i, block in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        qkv = _weight(block.attn.qkv)  # rows: q (C), k (C), v (C), each head after head
+        up = _weight(block.mlp.up)  # rows: gate (hidden), up (hidden)
+        out |= {
+            p + "input_layernorm.weight": block.norm1.weight.detach().float(),
+            p + "post_attention_layernorm.weight": block.norm2.weight.detach().float(),
+            p + "self_attn.q_proj.weight": qkv[:C], p + "self_attn.k_proj.weight": qkv[C : 2 * C],
+            p + "self_attn.v_proj.weight": qkv[2 * C :], p + "self_attn.o_proj.weight": _weight(block.attn.proj),
+            p + "mlp.gate_proj.weight": up[:hidden], p + "mlp.up_proj.weight": up[hidden:],
+            p + "mlp.down_proj.weight": _weight(block.mlp.down),
+        }
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = _weight(model.lm_head)
+    return {k: v.cpu().contiguous() for k, v in out.items()}
+
+
+def llama_config(loaded: Loaded) -> dict[str, Any]:
+    cfg, eot = loaded.model.cfg, loaded.eot
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
+        "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": rope, "rope_theta": cfg.rope_theta,  # transformers 5 reads the first, 4.x the second
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
+        "mlp_bias": False, "initializer_range": 0.02, "use_cache": True,
+        "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "dtype": "float32",
+        "torch_dtype": "float32",
+    }
+
+
+def write_tokenizer(loaded: Loaded, out: Path) -> None:
+    """tokenizer.json (with <|endoftext|> put before a text, as a document start, when special tokens are
+    added), tokenizer_config.json and special_tokens_map.json, for AutoTokenizer."""
+    tok = Tokenizer.from_str(loaded.tokenizer.to_str())  # a copy: the run's own stays as it is
+    # A model input starts at a document start: <|endoftext|>, like a BOS token. Text that looks like a
+    # special token stays text, as in the shards.
+    tok.post_processor = processors.TemplateProcessing(single=f"{EOT} $A", pair=f"{EOT} $A {EOT} $B",
+                                                       special_tokens=[(EOT, loaded.eot)])
+    tok.save(str(out / "tokenizer.json"))
+    extra = sorted(loaded.tags)
+    write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": loaded.model.cfg.block_size,
+        "bos_token": EOT, "eos_token": EOT, "pad_token": EOT, "unk_token": None,
+        "additional_special_tokens": extra, "split_special_tokens": True, "clean_up_tokenization_spaces": False,
+    })
+    write_json(out / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "pad_token": EOT,
+                                                 "additional_special_tokens": extra})
+
+
+def model_card(loaded: Loaded, fmt: str, note: str) -> str:
+    c, data, train = loaded.model.cfg, loaded.config.get("data", {}), loaded.config.get("train", {})
+    tags = ", ".join("=".join(parse_tag(t)) for t in sorted(loaded.tags)) or "none"
+    best = loaded.config.get("val_bpb")
+    return "\n".join([
+        f"# {loaded.folder.parent.name} ({fmt})", "",
+        f"A small decoder-only GPT trained from scratch with minigpt, exported from `{loaded.folder}`.", "",
+        "| | |", "| --- | --- |",
+        f"| data | `{data.get('dataset')}` ({data.get('kind')} tokenizer, vocab {c.vocab_size:,}) |",
+        f"| shape | {c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads, context {c.block_size}, SwiGLU "
+        f"{c.mlp_hidden}, {'tied' if c.tie_embeddings else 'untied'} embeddings, {loaded.model.num_params():,} parameters |",
+        f"| training | step {loaded.config.get('step')} of {train.get('max_steps')}, preset {train.get('preset')} |",
+        f"| val bits per byte | {f'{best:.4f}' if best is not None else '-'} |",
+        f"| tags | {tags} |",
+        f"| weights | {quantization(loaded.config)}{note} |", "",
+        "Every document starts after `<|endoftext|>`; the tokenizer puts it in front of a text when special",
+        "tokens are added (the default). Tags are tokens placed right after it, in field order:",
+        "`tok.convert_tokens_to_ids('<|lang=tt|>')`. Text that looks like a special token is encoded as text.", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)",
+        "print(tok.decode(model.generate(**tok('def main():', return_tensors='pt'), max_new_tokens=40)[0]))",
+        "```", "",
+    ])
+
+
+def export_hf(loaded: Loaded, out: Path) -> dict[str, Any]:
+    note = ", dequantised to float32" if quantization(loaded.config) == "int8" else ""
+    tensors = llama_tensors(loaded.model)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_json(out / "config.json", llama_config(loaded))
+    write_json(out / "generation_config.json", {
+        "bos_token_id": loaded.eot, "eos_token_id": loaded.eot, "pad_token_id": loaded.eot,
+        "do_sample": True, "temperature": 0.8})
+    write_tokenizer(loaded, out)
+    (out / "README.md").write_text(model_card(loaded, "Hugging Face transformers, LlamaForCausalLM", note),
+                                   encoding="utf-8")
+    return {"format": "hf", "architecture": "LlamaForCausalLM", "tensors": len(tensors), "dequantised": bool(note)}
+
+
+def float_model(model: GPT) -> GPT:
+    """The model with float32 weights (an int8 model's dequantised), in eval mode."""
+    if not any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules()):
+        return model.float().eval()
+    plain = GPT(model.cfg)
+    tensors = {"wte.weight": _weight(model.wte), "norm_f.weight": model.norm_f.weight.detach().float()}
+    for i, block in enumerate(model.blocks):
+        for name in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down"):
+            parent, attr = name.split(".")
+            tensors[f"blocks.{i}.{name}.weight"] = _weight(getattr(getattr(block, parent), attr))
+        tensors[f"blocks.{i}.norm1.weight"] = block.norm1.weight.detach().float()
+        tensors[f"blocks.{i}.norm2.weight"] = block.norm2.weight.detach().float()
+    if not model.cfg.tie_embeddings:
+        tensors["lm_head.weight"] = _weight(model.lm_head)
+    plain.load_state_dict(tensors, strict=False)
+    return plain.eval()
+
+
+class _Logits(torch.nn.Module):
+    """token ids (batch, sequence) -> logits (batch, sequence, vocab): the graph ONNX gets."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids).logits
+
+
+def export_onnx(loaded: Loaded, out: Path) -> dict[str, Any]:
+    """`model.onnx` with dynamic batch and sequence axes (sequence up to the context), checked with
+    onnx.checker and run once in onnxruntime against PyTorch."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise UserError(f"ONNX export needs onnx, onnxscript and onnxruntime; install them with {EXTRA}.") from None
+    model = float_model(loaded.model)
+    T = model.cfg.block_size
+    example = torch.randint(0, model.cfg.vocab_size, (2, min(T, 16)))
+    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=1, max=T)
+    path = out / "model.onnx"
+    exporter_log = logging.getLogger("torch.onnx")
+    level, exporter_log.level = exporter_log.level, logging.ERROR  # it talks about torchvision and its own steps
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Logits(model).eval(), (example,), str(path), input_names=["input_ids"],
+                              output_names=["logits"], dynamic_shapes={"input_ids": {0: batch, 1: seq}}, dynamo=True,
+                              external_data=False, verbose=False)
+    finally:
+        exporter_log.setLevel(level)
+    onnx.checker.check_model(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    check = torch.randint(0, model.cfg.vocab_size, (3, min(T, 24)))
+    with torch.no_grad():
+        expected = model(check).logits.numpy()
+    got = session.run(["logits"], {"input_ids": check.numpy()})[0]
+    write_tokenizer(loaded, out)
+    (out / "README.md").write_text(model_card(loaded, "ONNX: input_ids -> logits", ""), encoding="utf-8")
+    return {"format": "onnx", "max_abs_diff": float(np.abs(got - expected).max()), "opset": onnx.load(str(path)).opset_import[0].version}
+
+
+def export_run(cfg: ExportConfig) -> dict[str, Any]:
+    """Write the run's checkpoint as `cfg.format` into `cfg.out`, atomically (a temp folder renamed into place)."""
+    if cfg.format == "hf":
+        try:
+            import transformers  # noqa: F401  (only to say early that the extra is missing)
+        except ImportError:
+            raise UserError(f"a transformers export is checked with transformers; install it with {EXTRA}.") from None
+    loaded = load_run(cfg.run, cfg.checkpoint, "cpu", cfg.runs_dir, cast=False)
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.force:
+        raise UserError(f"{out} exists and is not empty; give a new folder or --force to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    start = time.perf_counter()
+    try:
+        with console.status(f"exporting to {cfg.format}..."):
+            report = export_hf(loaded, tmp) if cfg.format == "hf" else export_onnx(loaded, tmp)
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    return report | {"run": str(loaded.folder), "out": str(out), "seconds": time.perf_counter() - start,
+                     "files": files, "size": human_bytes(sum(files.values()))}

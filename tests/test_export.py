@@ -1,0 +1,134 @@
+"""`minigpt export`: the transformers folder and the ONNX file give the original's logits, tokens and ids."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, assert_user_error, run_script, train_cfg
+
+from minigpt.checkpoint import load_run
+from minigpt.config import Sampling
+from minigpt.corpus import iter_documents
+from minigpt.data import TokenData, eval_windows
+from minigpt.generate import generate
+from minigpt.model import int8_matmul
+from minigpt.train import train
+
+transformers = pytest.importorskip("transformers", reason="the export extra is not installed (pip install 'minigpt[export]')")
+SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64}
+
+
+@pytest.fixture(scope="module")
+def runs(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tied and an untied toy run, trained a few steps."""
+    tmp = tmp_path_factory.mktemp("export")
+    for name, tie in (("tied", True), ("untied", False)):
+        train(train_cfg(tokens, tmp, name=name, max_steps=20, eval_every=20), SHAPE | {"tie_embeddings": tie})
+    return {"tied": tmp / "tied", "untied": tmp / "untied", "tokens": tokens, "tmp": tmp}
+
+
+def export(run: Path, out: Path, *extra: str) -> dict:
+    proc = run_script("minigpt", "export", "--run", str(run), str(out), *extra)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def real_text_batch(tokens: Path, rows: int = 4) -> torch.Tensor:
+    data = TokenData(tokens)
+    windows = eval_windows(data.val, 63, 63 * rows)
+    return torch.tensor(np.stack([data.val.arrays[w.source][w.offset : w.offset + 64] for w in windows]).astype(np.int64))
+
+
+@pytest.mark.parametrize("kind", ["tied", "untied"])
+def test_transformers_loads_the_folder_and_agrees(runs: dict[str, Path], kind: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = runs["tmp"] / f"hf-{kind}"
+    report = export(runs[kind], out)
+    assert report["architecture"] == "LlamaForCausalLM" and not report["dequantised"]
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "README.md"} <= set(report["files"])
+    loaded = load_run(runs[kind])
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf.config.tie_word_embeddings == (kind == "tied")
+    x = real_text_batch(runs["tokens"])
+    with torch.no_grad():
+        ours, theirs = loaded.model(x).logits, hf(x).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    # greedy: the tokens `minigpt generate --temperature 0` prints, from the same document start
+    proc = run_script("minigpt", "generate", "--run", str(runs[kind]), "--prompt", "Әнием", "--temperature", "0",
+                      "--max-new-tokens", "32")
+    assert proc.returncode == 0, proc.stderr
+    prompt = [loaded.eot, *loaded.encode("Әнием")]
+    new = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=loaded.eot)[0, len(prompt):]
+    new = new.tolist()[: new.tolist().index(loaded.eot)] if loaded.eot in new.tolist() else new.tolist()
+    assert new == generate(loaded.model, prompt, 32, Sampling(temperature=0), eot=loaded.eot)[0]
+    assert proc.stdout.split("\n")[1] == ("Әнием" + loaded.decode(new)).split("\n")[0]
+    # the tokenizer: the same ids on every val document, <|endoftext|> first when special tokens are added
+    tok = AutoTokenizer.from_pretrained(out)
+    for text, _ in iter_documents(Path(TokenData(runs["tokens"]).meta["dataset"]), "val"):
+        assert tok(text, add_special_tokens=False)["input_ids"] == loaded.encode(text)
+    typed = "a document that types <|endoftext|> as text"
+    assert tok(typed)["input_ids"] == [loaded.eot, *loaded.encode(typed)]
+
+
+@pytest.mark.slow
+def test_onnx_runs_in_onnxruntime_with_the_same_logits(runs: dict[str, Path]) -> None:
+    import onnx
+    import onnxruntime
+
+    out = runs["tmp"] / "onnx"
+    report = export(runs["tied"], out, "--format", "onnx")
+    assert report["max_abs_diff"] < 1e-4
+    onnx.checker.check_model(str(out / "model.onnx"))
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    loaded = load_run(runs["tied"])
+    for x in (real_text_batch(runs["tokens"], rows=3), real_text_batch(runs["tokens"], rows=1)[:, :17]):  # dynamic
+        with torch.no_grad():
+            expected = loaded.model(x).logits.numpy()
+        got = session.run(["logits"], {"input_ids": x.numpy()})[0]
+        assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_an_int8_run_exports_its_dequantised_weights(runs: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    q = runs["tmp"] / "untied-int8"
+    proc = run_script("minigpt", "quantize", "--run", str(runs["untied"]), "--out", str(q), "--device", "cpu",
+                      "--eval-tokens", "512", "--new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    out = runs["tmp"] / "hf-int8"
+    assert export(q, out)["dequantised"]
+    assert "dequantised to float32" in (out / "README.md").read_text()
+    loaded = load_run(q)
+    int8_matmul(loaded.model, torch.device("cuda"))  # the dequant reference path (no GPU needed to pick it)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    x = real_text_batch(runs["tokens"])
+    with torch.no_grad():
+        assert (loaded.model(x).logits - hf(x).logits).abs().max().item() < 1e-4
+
+
+def test_export_errors(runs: dict[str, Path], tmp_path: Path) -> None:
+    train(train_cfg(runs["tokens"], tmp_path, name="gelu", max_steps=2, eval_every=2), SHAPE | {"mlp": "gelu"})
+    assert_user_error(run_script("minigpt", "export", "--run", str(tmp_path / "gelu"), str(tmp_path / "g")),
+                      "--mlp gelu", "no llama equivalent")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    assert_user_error(run_script("minigpt", "export", "--run", str(runs["tied"]), str(tmp_path / "busy")),
+                      "not empty", "--force")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    assert_user_error(run_script("minigpt", "export", "--run", str(runs["tied"]), str(tmp_path / "x"), "--format",
+                                 "gguf"), "unknown --format")
+    code = ("import runpy, sys; sys.modules['transformers'] = None; "
+            "sys.argv = ['minigpt', 'export', '--run', sys.argv[1], sys.argv[2]]; "
+            "runpy.run_module('minigpt.cli', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, str(runs["tied"]), str(tmp_path / "y")], capture_output=True,
+                          text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert_user_error(proc, "minigpt[export]")
