@@ -15,7 +15,7 @@ from conftest import ROOT
 def test_run_pipeline_end_to_end(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
     cmd = ["bash", str(ROOT / "run_pipeline.sh"), "--data-dir", str(tmp_path / "data"), "--runs-dir",
-           str(tmp_path / "runs"), "--device", "cpu", "--max-steps", "100", "--", "--eval-every", "50", "--eval-tokens", "65536"]
+           str(tmp_path / "runs"), "--device", "cpu", "--max-steps", "100", "--", "--eval-every", "50", "--eval-tokens", "16384"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]

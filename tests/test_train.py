@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -15,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import MODEL, MODEL_ARGS, ROOT, assert_user_error, losses, metrics, run_script, train_cfg
+from typer.testing import CliRunner
 
 from minigpt.checkpoint import find_checkpoint, load_model, save_checkpoint
+from minigpt.cli import app, script_app
 from minigpt.config import RECIPES, ModelConfig, TokenizerConfig, TrainConfig, model_config, with_recipe
 from minigpt.data import BatchSampler, Shards, TokenData
 from minigpt.model import GPT
@@ -165,9 +168,17 @@ def test_batch_and_context_errors(tokens: Path, tmp_path: Path) -> None:
 
 
 def test_cli_help_and_generate(tokens: Path, tmp_path: Path) -> None:
-    for script in ("01_prepare_data.py", "02_train_tokenizer.py", "03_train.py", "quick_test.py", "minigpt"):
-        proc = run_script(script, "--help")
-        assert proc.returncode == 0 and "Usage" in proc.stdout, proc.stderr
+    # every face's options build (in this process: a Python start per script is seconds of test time)
+    runner = CliRunner()
+    for script in ("01_prepare_data.py", "02_train_tokenizer.py", "03_train.py", "quick_test.py"):
+        spec = importlib.util.spec_from_file_location(f"script_{script[:2]}", ROOT / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        result = runner.invoke(script_app(module.main), ["--help"])
+        assert result.exit_code == 0 and "Usage" in result.output, result.output
+    for command in ([], ["generate"], ["eval"], ["info"], ["bench"], ["quantize"], ["export"]):
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output, (command, result.output)
     train(train_cfg(tokens, tmp_path, max_steps=80, eval_every=40), MODEL)
     run = str(tmp_path / "run")
     proc = run_script("minigpt", "generate", "--run", run, "--prompt", "Әнием", "--max-new-tokens", "12", "--temperature", "0")
