@@ -1,5 +1,5 @@
-"""`minigpt export`: a run as a Hugging Face transformers folder (Llama) or as ONNX, each checked to give
-the logits of the original.
+"""`minigpt export`: a run as a Hugging Face transformers folder (Llama) or as ONNX, each loaded back
+(transformers, onnxruntime) and checked to give the logits of the original before it is kept.
 
 The architecture is a Llama in all but name: RoPE in the half-split convention (the one transformers'
 `rotate_half` uses, so no permutation of the query/key rows), RMSNorm, SwiGLU, no biases, tied or untied
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -32,6 +34,8 @@ from .model import GPT, Int8Embedding, Int8Linear, dequantize
 from .utils import UserError, console, fsync_dir, human_bytes, write_json
 
 EXTRA = "pip install 'minigpt[export]'"
+TOLERANCE = 1e-3  # max |logit difference| of an export against the original (fp32; seen: 0 and ~1e-5)
+MARKER = ".minigpt-export"  # in every export folder: --force replaces only folders that hold it
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:
@@ -51,8 +55,8 @@ def llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
     out = {"model.embed_tokens.weight": _weight(model.wte), "model.norm.weight": model.norm_f.weight.detach().float()}
     for i, block in enumerate(model.blocks):
         p = f"model.layers.{i}."
-        qkv = _weight(block.attn.qkv)  # rows: q (C), k (C), v (C), each head after head
-        up = _weight(block.mlp.up)  # rows: gate (hidden), up (hidden)
+        qkv = _weight(block.attn.qkv).clone()  # rows: q (C), k (C), v (C), each head after head
+        up = _weight(block.mlp.up).clone()  # rows: gate (hidden), up (hidden)
         out |= {
             p + "input_layernorm.weight": block.norm1.weight.detach().float(),
             p + "post_attention_layernorm.weight": block.norm2.weight.detach().float(),
@@ -63,7 +67,7 @@ def llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
         }
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = _weight(model.lm_head)
-    return {k: v.cpu().contiguous() for k, v in out.items()}
+    return {k: v.cpu().contiguous().clone() for k, v in out.items()}  # no shared storage between tensors
 
 
 def llama_config(loaded: Loaded) -> dict[str, Any]:
@@ -101,44 +105,92 @@ def write_tokenizer(loaded: Loaded, out: Path) -> None:
                                                  "additional_special_tokens": extra})
 
 
+SNIPPETS = {
+    "hf": [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)",
+        "out = model.generate(**tok(prompt, return_tensors='pt'), max_new_tokens=40)",
+        "print(tok.decode(out[0], skip_special_tokens=True))",
+    ],
+    "onnx": [
+        "import numpy as np, onnxruntime",
+        "from tokenizers import Tokenizer",
+        "tok = Tokenizer.from_file(f'{folder}/tokenizer.json')",
+        "session = onnxruntime.InferenceSession(f'{folder}/model.onnx')",
+        "ids = np.array([tok.encode(prompt).ids])  # <|endoftext|> first, then the prompt",
+        "logits = session.run(['logits'], {'input_ids': ids})[0]  # (1, tokens, vocab), up to the context",
+    ],
+}
+
+
 def model_card(loaded: Loaded, fmt: str, note: str) -> str:
     c, data, train = loaded.model.cfg, loaded.config.get("data", {}), loaded.config.get("train", {})
     tags = ", ".join("=".join(parse_tag(t)) for t in sorted(loaded.tags)) or "none"
     best = loaded.config.get("val_bpb")
+    mlp = f"SwiGLU {c.mlp_hidden}" if c.mlp == "swiglu" else f"GELU {c.mlp_hidden}"
+    title = "Hugging Face transformers, LlamaForCausalLM" if fmt == "hf" else "ONNX: input_ids -> logits"
     return "\n".join([
-        f"# {loaded.folder.parent.name} ({fmt})", "",
-        f"A small decoder-only GPT trained from scratch with minigpt, exported from `{loaded.folder}`.", "",
+        f"# {loaded.folder.parent.name} ({title})", "",
+        "A small decoder-only GPT trained from scratch with minigpt.", "",
         "| | |", "| --- | --- |",
-        f"| data | `{data.get('dataset')}` ({data.get('kind')} tokenizer, vocab {c.vocab_size:,}) |",
-        f"| shape | {c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads, context {c.block_size}, SwiGLU "
-        f"{c.mlp_hidden}, {'tied' if c.tie_embeddings else 'untied'} embeddings, {loaded.model.num_params():,} parameters |",
+        f"| data | {Path(str(data.get('dataset'))).name} ({data.get('kind')} tokenizer, vocab {c.vocab_size:,}) |",
+        f"| shape | {c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads, context {c.block_size}, {mlp}, "
+        f"{'tied' if c.tie_embeddings else 'untied'} embeddings, {loaded.model.num_params():,} parameters |",
         f"| training | step {loaded.config.get('step')} of {train.get('max_steps')}, preset {train.get('preset')} |",
         f"| val bits per byte | {f'{best:.4f}' if best is not None else '-'} |",
         f"| tags | {tags} |",
-        f"| weights | {quantization(loaded.config)}{note} |", "",
+        f"| weights | float32{note} |", "",
         "Every document starts after `<|endoftext|>`; the tokenizer puts it in front of a text when special",
         "tokens are added (the default). Tags are tokens placed right after it, in field order:",
-        "`tok.convert_tokens_to_ids('<|lang=tt|>')`. Text that looks like a special token is encoded as text.", "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)",
-        "print(tok.decode(model.generate(**tok('def main():', return_tensors='pt'), max_new_tokens=40)[0]))",
-        "```", "",
+        "`tok.convert_tokens_to_ids('<|lang=tt|>')`. Text that looks like a special token is encoded as text.",
+        "`<|endoftext|>` is also the end and the padding token: a fine-tuning collator that masks padding out",
+        "of the labels would mask every document end too.", "",
+        "```python", "folder, prompt = '.', 'Once upon a time'", *SNIPPETS[fmt], "```", "",
     ])
 
 
+def _source_note(loaded: Loaded) -> str:
+    scheme = quantization(loaded.config)
+    return {"int8": ", dequantised from the run's int8 weights (q x scale)", "bf16": ", widened from the run's bf16",
+            "fp16": ", widened from the run's fp16"}.get(scheme, "")
+
+
+def _check(name: str, got: np.ndarray, expected: np.ndarray) -> float:
+    diff = float(np.abs(got - expected).max())
+    if not diff <= TOLERANCE:
+        raise UserError(f"the {name} export gives logits up to {diff:.3g} away from the run's (more than "
+                        f"{TOLERANCE:g}); nothing was written; please report it.")
+    return diff
+
+
 def export_hf(loaded: Loaded, out: Path) -> dict[str, Any]:
-    note = ", dequantised to float32" if quantization(loaded.config) == "int8" else ""
+    """The folder, then loaded back with transformers and compared with the run on a context of tokens."""
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        raise UserError(f"a transformers export is loaded back with transformers to check it; install it with "
+                        f"{EXTRA}.") from None
+    note = _source_note(loaded)
     tensors = llama_tensors(loaded.model)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     write_json(out / "config.json", llama_config(loaded))
     write_json(out / "generation_config.json", {
         "bos_token_id": loaded.eot, "eos_token_id": loaded.eot, "pad_token_id": loaded.eot,
-        "do_sample": True, "temperature": 0.8})
+        "do_sample": True, "temperature": 0.8, "top_k": 0, "top_p": 1.0})  # minigpt generate's defaults
     write_tokenizer(loaded, out)
-    (out / "README.md").write_text(model_card(loaded, "Hugging Face transformers, LlamaForCausalLM", note),
-                                   encoding="utf-8")
-    return {"format": "hf", "architecture": "LlamaForCausalLM", "tensors": len(tensors), "dequantised": bool(note)}
+    (out / "README.md").write_text(model_card(loaded, "hf", note), encoding="utf-8")
+    model, x = float_model(loaded.model), _probe(loaded.model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        diff = _check("transformers", hf(x).logits.numpy(), model(x).logits.numpy())
+    return {"format": "hf", "architecture": "LlamaForCausalLM", "tensors": len(tensors),
+            "dequantised": quantization(loaded.config) == "int8", "max_abs_diff": diff}
+
+
+def _probe(model: GPT) -> torch.Tensor:
+    """Token ids to compare an export on: two rows of a whole context."""
+    return torch.randint(0, model.cfg.vocab_size, (2, model.cfg.block_size), generator=torch.Generator().manual_seed(0))
 
 
 def float_model(model: GPT) -> GPT:
@@ -176,6 +228,7 @@ def export_onnx(loaded: Loaded, out: Path) -> dict[str, Any]:
     try:
         import onnx
         import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx.export needs it)
     except ImportError:
         raise UserError(f"ONNX export needs onnx, onnxscript and onnxruntime; install them with {EXTRA}.") from None
     model = float_model(loaded.model)
@@ -195,40 +248,66 @@ def export_onnx(loaded: Loaded, out: Path) -> dict[str, Any]:
         exporter_log.setLevel(level)
     onnx.checker.check_model(str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    check = torch.randint(0, model.cfg.vocab_size, (3, min(T, 24)))
-    with torch.no_grad():
-        expected = model(check).logits.numpy()
-    got = session.run(["logits"], {"input_ids": check.numpy()})[0]
+    diff = 0.0
+    for check in (_probe(model), _probe(model)[:1, : max(T // 3, 1)]):  # a whole context, and a shorter one
+        with torch.no_grad():
+            expected = model(check).logits.numpy()
+        diff = max(diff, _check("ONNX", session.run(["logits"], {"input_ids": check.numpy()})[0], expected))
     write_tokenizer(loaded, out)
-    (out / "README.md").write_text(model_card(loaded, "ONNX: input_ids -> logits", ""), encoding="utf-8")
-    return {"format": "onnx", "max_abs_diff": float(np.abs(got - expected).max()), "opset": onnx.load(str(path)).opset_import[0].version}
+    (out / "README.md").write_text(model_card(loaded, "onnx", _source_note(loaded)), encoding="utf-8")
+    return {"format": "onnx", "max_abs_diff": diff, "opset": onnx.load(str(path)).opset_import[0].version}
+
+
+def _target(cfg: ExportConfig, run_dir: Path) -> Path:
+    """The output folder, refused when writing it could destroy something that is not an earlier export."""
+    out = Path(cfg.out).resolve()
+    run = run_dir.resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{cfg.out} is a file; give a folder to export to.")
+    if out == run or run in out.parents or out in run.parents or out in (Path.cwd(), Path.home(), Path("/")):
+        raise UserError(f"{cfg.out} is, holds or lies inside the run {run_dir}; export to a folder of its own.")
+    if out.exists() and any(out.iterdir()):
+        if not cfg.force:
+            raise UserError(f"{cfg.out} exists and is not empty; give a new folder or --force to replace it.")
+        if not (out / MARKER).exists():
+            raise UserError(f"{cfg.out} is not an earlier minigpt export; --force only replaces those: give "
+                            "another folder.")
+    return out
 
 
 def export_run(cfg: ExportConfig) -> dict[str, Any]:
-    """Write the run's checkpoint as `cfg.format` into `cfg.out`, atomically (a temp folder renamed into place)."""
-    if cfg.format == "hf":
-        try:
-            import transformers  # noqa: F401  (only to say early that the extra is missing)
-        except ImportError:
-            raise UserError(f"a transformers export is checked with transformers; install it with {EXTRA}.") from None
+    """Write the run's checkpoint as `cfg.format` into `cfg.out`, checked, then swapped into place with two
+    renames (an earlier export becomes `.OUT.old` until the new one has the name), so a crash leaves one
+    whole export there, or its fallback."""
     loaded = load_run(cfg.run, cfg.checkpoint, "cpu", cfg.runs_dir, cast=False)
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.force:
-        raise UserError(f"{out} exists and is not empty; give a new folder or --force to replace it.")
+    out = _target(cfg, loaded.folder.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old = out.with_name(f".{out.name}.old")
     start = time.perf_counter()
     try:
-        with console.status(f"exporting to {cfg.format}..."):
+        with console.status(f"exporting to {cfg.format} and checking it..."):
             report = export_hf(loaded, tmp) if cfg.format == "hf" else export_onnx(loaded, tmp)
-        tmp.chmod(0o755)
+        (tmp / MARKER).write_text(json.dumps({"run": str(loaded.folder), "format": cfg.format}) + "\n")
+        for path in tmp.iterdir():  # on disk before the folder takes its name
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        tmp.chmod(0o777 & ~_umask())
         if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(tmp, out)
         fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
-    return report | {"run": str(loaded.folder), "out": str(out), "seconds": time.perf_counter() - start,
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.name != MARKER}
+    return report | {"run": str(loaded.folder), "out": str(cfg.out), "seconds": time.perf_counter() - start,
                      "files": files, "size": human_bytes(sum(files.values()))}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

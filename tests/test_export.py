@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_user_error, run_script, train_cfg
+from conftest import ENGLISH, TATAR, assert_user_error, run_script, train_cfg
 
 from minigpt.checkpoint import load_run
-from minigpt.config import Sampling
-from minigpt.corpus import iter_documents
+from minigpt.config import ExportConfig, PrepareConfig, Sampling, TokenizerConfig
+from minigpt.corpus import iter_documents, prepare
 from minigpt.data import TokenData, eval_windows
+from minigpt.export import export_run
 from minigpt.generate import generate
 from minigpt.model import int8_matmul
+from minigpt.tokenizer import build
 from minigpt.train import train
+from minigpt.utils import UserError
 
 transformers = pytest.importorskip("transformers", reason="the export extra is not installed (pip install 'minigpt[export]')")
 SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64}
@@ -26,11 +28,18 @@ SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64}
 
 @pytest.fixture(scope="module")
 def runs(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tied and an untied toy run, trained a few steps."""
+    """A tied toy run, and an untied one on tagged text with a rotary base and norm epsilon of its own
+    (a converter that drops either would still match the defaults)."""
     tmp = tmp_path_factory.mktemp("export")
-    for name, tie in (("tied", True), ("untied", False)):
-        train(train_cfg(tokens, tmp, name=name, max_steps=20, eval_every=20), SHAPE | {"tie_embeddings": tie})
-    return {"tied": tmp / "tied", "untied": tmp / "untied", "tokens": tokens, "tmp": tmp}
+    train(train_cfg(tokens, tmp, name="tied", max_steps=20, eval_every=20), SHAPE)
+    source = tmp / "tagged.jsonl"
+    source.write_text("\n".join(json.dumps({"text": f"{t} {i}", "lang": lang}, ensure_ascii=False)
+                                 for i, (t, lang) in enumerate([(ENGLISH, "en"), (TATAR, "tt")] * 150)), encoding="utf-8")
+    data, _ = prepare(PrepareConfig(inputs=[str(source)], out_dir=str(tmp / "data"), val_fraction=0.2))
+    tagged = build(TokenizerConfig(data=str(data), vocab_size=300)).out
+    train(train_cfg(tagged, tmp, name="untied", max_steps=20, eval_every=20),
+          SHAPE | {"tie_embeddings": False, "rope_theta": 500.0, "norm_eps": 1e-3})
+    return {"tied": tmp / "tied", "untied": tmp / "untied", "tokens": {"tied": tokens, "untied": tagged}, "tmp": tmp}
 
 
 def export(run: Path, out: Path, *extra: str) -> dict:
@@ -51,13 +60,13 @@ def test_transformers_loads_the_folder_and_agrees(runs: dict[str, Path], kind: s
 
     out = runs["tmp"] / f"hf-{kind}"
     report = export(runs[kind], out)
-    assert report["architecture"] == "LlamaForCausalLM" and not report["dequantised"]
+    assert report["architecture"] == "LlamaForCausalLM" and not report["dequantised"] and report["max_abs_diff"] < 1e-4
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "README.md"} <= set(report["files"])
     loaded = load_run(runs[kind])
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert hf.config.tie_word_embeddings == (kind == "tied")
-    x = real_text_batch(runs["tokens"])
+    x = real_text_batch(runs["tokens"][kind])
     with torch.no_grad():
         ours, theirs = loaded.model(x).logits, hf(x).logits
     assert (ours - theirs).abs().max().item() < 1e-4
@@ -72,8 +81,10 @@ def test_transformers_loads_the_folder_and_agrees(runs: dict[str, Path], kind: s
     assert proc.stdout.split("\n")[1] == ("Әнием" + loaded.decode(new)).split("\n")[0]
     # the tokenizer: the same ids on every val document, <|endoftext|> first when special tokens are added
     tok = AutoTokenizer.from_pretrained(out)
-    for text, _ in iter_documents(Path(TokenData(runs["tokens"]).meta["dataset"]), "val"):
+    for text, _ in iter_documents(Path(TokenData(runs["tokens"][kind]).meta["dataset"]), "val"):
         assert tok(text, add_special_tokens=False)["input_ids"] == loaded.encode(text)
+    assert {t: tok.convert_tokens_to_ids(t) for t in loaded.tags} == loaded.tags  # the tag tokens, same ids
+    assert len(loaded.tags) == (2 if kind == "untied" else 0)
     typed = "a document that types <|endoftext|> as text"
     assert tok(typed)["input_ids"] == [loaded.eot, *loaded.encode(typed)]
 
@@ -89,7 +100,8 @@ def test_onnx_runs_in_onnxruntime_with_the_same_logits(runs: dict[str, Path]) ->
     onnx.checker.check_model(str(out / "model.onnx"))
     session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     loaded = load_run(runs["tied"])
-    for x in (real_text_batch(runs["tokens"], rows=3), real_text_batch(runs["tokens"], rows=1)[:, :17]):  # dynamic
+    toy = runs["tokens"]["tied"]
+    for x in (real_text_batch(toy, rows=3), real_text_batch(toy, rows=1)[:, :17]):  # dynamic axes
         with torch.no_grad():
             expected = loaded.model(x).logits.numpy()
         got = session.run(["logits"], {"input_ids": x.numpy()})[0]
@@ -106,29 +118,42 @@ def test_an_int8_run_exports_its_dequantised_weights(runs: dict[str, Path]) -> N
     assert proc.returncode == 0, proc.stderr
     out = runs["tmp"] / "hf-int8"
     assert export(q, out)["dequantised"]
-    assert "dequantised to float32" in (out / "README.md").read_text()
+    assert "float32, dequantised from the run's int8 weights" in (out / "README.md").read_text()
     loaded = load_run(q)
     int8_matmul(loaded.model, torch.device("cuda"))  # the dequant reference path (no GPU needed to pick it)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    x = real_text_batch(runs["tokens"])
+    x = real_text_batch(runs["tokens"]["untied"])
     with torch.no_grad():
         assert (loaded.model(x).logits - hf(x).logits).abs().max().item() < 1e-4
 
 
-def test_export_errors(runs: dict[str, Path], tmp_path: Path) -> None:
-    train(train_cfg(runs["tokens"], tmp_path, name="gelu", max_steps=2, eval_every=2), SHAPE | {"mlp": "gelu"})
+def test_export_errors(runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train(train_cfg(runs["tokens"]["tied"], tmp_path, name="gelu", max_steps=2, eval_every=2), SHAPE | {"mlp": "gelu"})
     assert_user_error(run_script("minigpt", "export", "--run", str(tmp_path / "gelu"), str(tmp_path / "g")),
                       "--mlp gelu", "no llama equivalent")
+    run = runs["tied"]
+
+    def refused(match: str, out: Path, **options: object) -> None:
+        with pytest.raises(UserError, match=match):
+            export_run(ExportConfig(out=str(out), run=str(run), **options))
+
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
-    assert_user_error(run_script("minigpt", "export", "--run", str(runs["tied"]), str(tmp_path / "busy")),
-                      "not empty", "--force")
+    refused("not empty.*--force", tmp_path / "busy")
+    refused("not an earlier minigpt export", tmp_path / "busy", force=True)
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
-    assert_user_error(run_script("minigpt", "export", "--run", str(runs["tied"]), str(tmp_path / "x"), "--format",
-                                 "gguf"), "unknown --format")
-    code = ("import runpy, sys; sys.modules['transformers'] = None; "
-            "sys.argv = ['minigpt', 'export', '--run', sys.argv[1], sys.argv[2]]; "
-            "runpy.run_module('minigpt.cli', run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", code, str(runs["tied"]), str(tmp_path / "y")], capture_output=True,
-                          text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    assert_user_error(proc, "minigpt[export]")
+    for target, match in ((run, "the run"), (run / "best" / "hf", "the run"), (run.parent, "the run"),
+                          (run / "metrics.jsonl", "is a file")):
+        refused(match, target, force=True)
+    assert (run / "best" / "model.safetensors").exists() and not (run / "best" / "hf").exists()
+    with pytest.raises(UserError, match="unknown --format"):
+        ExportConfig(out=str(tmp_path / "x"), format="gguf")
+    again = tmp_path / "again"  # --force replaces an earlier export, whole
+    export_run(ExportConfig(out=str(again), run=str(run)))
+    (again / "model.safetensors").write_bytes(b"stale")
+    export_run(ExportConfig(out=str(again), run=str(run), force=True))
+    assert (again / "model.safetensors").stat().st_size > 100 and not list(tmp_path.glob(".again.*"))
+    for missing, fmt in (("transformers", "hf"), ("onnxscript", "onnx")):
+        monkeypatch.setitem(sys.modules, missing, None)  # as if the extra were not installed
+        refused(r"minigpt\[export\]", tmp_path / f"y-{fmt}", format=fmt)
+        monkeypatch.delitem(sys.modules, missing)
