@@ -31,7 +31,7 @@ from .checkpoint import Loaded, load_run, quantization
 from .config import ExportConfig
 from .data import EOT, parse_tag
 from .model import GPT, Int8Embedding, Int8Linear, dequantize
-from .utils import UserError, console, fsync_dir, human_bytes, write_json
+from .utils import UMASK, UserError, console, fsync_dir, human_bytes, write_json
 
 EXTRA = "pip install 'minigpt[export]'"
 TOLERANCE = 1e-3  # max |logit difference| of an export against the original (fp32; seen: 0 and ~1e-5)
@@ -292,7 +292,7 @@ def export_run(cfg: ExportConfig) -> dict[str, Any]:
         for path in tmp.iterdir():  # on disk before the folder takes its name
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        tmp.chmod(0o777 & ~_umask())
+        tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes 0700
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out, old)
@@ -306,8 +306,3 @@ def export_run(cfg: ExportConfig) -> dict[str, Any]:
     return report | {"run": str(loaded.folder), "out": str(cfg.out), "seconds": time.perf_counter() - start,
                      "files": files, "size": human_bytes(sum(files.values()))}
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -109,8 +109,8 @@ class UserError(Exception):
 # files
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+UMASK = os.umask(0)  # read once: new files and folders get the permissions open() and mkdir() would
+os.umask(UMASK)
 
 
 @contextlib.contextmanager
@@ -123,7 +123,7 @@ def atomic_open(path: str | Path, mode: str = "wb", **kw: Any) -> Iterator[Binar
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
+    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600
     try:
         with os.fdopen(fd, mode, **kw) as f:
             yield f
