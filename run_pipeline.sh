@@ -37,9 +37,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "== installing torch 2.13.0 (install your own build first to keep it)"
   "$PY" -m pip install -q torch==2.13.0
 fi
-if ! "$PY" -c "import importlib.metadata as m; m.version('minigpt'); import pytest, importlinter, pyarrow, transformers, onnx, onnxscript, onnxruntime, tokenizers, typer, rich, safetensors" 2>/dev/null; then
-  echo "== installing minigpt (editable) with its test tools, Parquet reading and export"
-  "$PY" -m pip install -q -e ".[dev,parquet,export]"
+if ! "$PY" -c "import importlib.metadata as m; m.version('minigpt'); import pytest, importlinter, pyarrow, transformers, onnx, onnxscript, onnxruntime, tokenizers, typer, rich, safetensors, fastapi, uvicorn, prometheus_client, openai, httpx, playwright, schemathesis" 2>/dev/null; then
+  echo "== installing minigpt (editable) with its test tools, Parquet reading, export and the server"
+  "$PY" -m pip install -q -e ".[dev,parquet,export,serve]"
 fi
 [[ -n "$INSTALL_ONLY" ]] && exit 0
 

@@ -1,5 +1,5 @@
 """The faces' glue: Typer options built from the config dataclasses, and the `minigpt` command
-(generate, eval, info, bench, quantize). The numbered scripts build their options here too."""
+(generate, eval, info, export, serve, bench, quantize). The numbered scripts build their options here too."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from .config import (
     PrepareConfig,
     QuantizeConfig,
     Sampling,
+    ServeConfig,
     with_recipe,
 )
 from .data import parse_tags
@@ -38,6 +39,7 @@ from .evaluate import eval_run
 from .export import export_run
 from .generate import default_mode, generate, generate_many
 from .quantize import quantize_run
+from .serve import serve_run
 from .utils import UserError, atomic_open, console, err_console, human_bytes, resolve_device, rule
 
 # --------------------------------------------------------------------------------------------------
@@ -324,6 +326,14 @@ def quantize_cmd(cfg: QuantizeConfig) -> None:
                  f"{r['val_tokens']:,} tokens")
     console.print(t)
     print(json.dumps(r, separators=(",", ":")))
+
+
+@app.command("serve")
+@cli_command(ServeConfig)
+def serve_cmd(cfg: ServeConfig) -> None:
+    """An OpenAI-compatible HTTP server (/v1/completions, streaming) with a native /generate, a web page at /,
+    /docs, /health, /info and Prometheus /metrics; concurrent requests decode together. Needs the serve extra."""
+    serve_run(cfg)
 
 
 def main() -> None:

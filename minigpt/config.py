@@ -382,6 +382,31 @@ class ExportConfig:
             raise UserError("give the folder to export to: minigpt export --run R OUT.")
 
 
+@dataclass
+class ServeConfig:
+    run: str = run_opt()
+    checkpoint: str = checkpoint_opt()
+    runs_dir: str = runs_dir_opt()
+    device: str = device_opt()
+    host: str = opt("127.0.0.1", help="Address to listen on (0.0.0.0: every interface; set --api-key then).")
+    port: int = opt(8000, help="Port to listen on.")
+    max_batch: int = opt(8, help="Sequences decoded together (slots); a request joins at the next step.")
+    max_queue: int = opt(64, help="Sequences that may wait for a slot; beyond that requests get 429.")
+    max_tokens: int = opt(1024, help="The most tokens a request may ask for, per choice.")
+    max_body: int = opt(1_000_000, help="The largest request body in bytes (413 above it).")
+    api_key: str = opt("", help="Require 'Authorization: Bearer KEY' (default: $MINIGPT_API_KEY; unset: no key).")
+    model_name: str = opt("", help="The model name clients send (default: the run folder's name).")
+    shutdown_timeout: float = opt(10.0, help="On SIGTERM or Ctrl-C, seconds running requests get to finish "
+                                             "before they end with finish_reason 'abort'.")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise UserError(f"--port must be 1-65535, got {self.port}.")
+        if min(self.max_batch, self.max_queue, self.max_tokens, self.max_body) < 1 or self.shutdown_timeout < 0:
+            raise UserError("--max-batch, --max-queue, --max-tokens and --max-body must be at least 1, "
+                            "and --shutdown-timeout at least 0.")
+
+
 # --------------------------------------------------------------------------------------------------
 # minigpt bench
 

@@ -20,6 +20,7 @@ has ended.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -68,6 +69,49 @@ def next_token(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None, noi
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     assert noise is not None, "sampling needs noise"
     return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+
+
+@dataclass
+class RowSampling:
+    """Sampling settings of each row's own, as (rows,) tensors, for a batch whose rows belong to different
+    requests (the server's). The host-side flags say which rules any row uses, so that a batch of plain
+    requests skips the sort and the top-k; they never change a row's token."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor  # long; 0: off
+    top_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    max_k: int = 0  # the largest top_k of any row (0: no row uses top-k)
+    any_top_p: bool = False
+    any_sampled: bool = True  # some row has temperature > 0 (else every row is greedy: no noise needed)
+
+
+def next_token_rows(logits: torch.Tensor, s: RowSampling, seen: torch.Tensor | None,
+                    noise: torch.Tensor | None) -> torch.Tensor:
+    """`next_token` with each row's own settings: the same rules in the same order, so each row gets the
+    token `next_token` gives it alone with its settings and its noise (tested). `seen` is None when no
+    row has a repetition penalty; `noise` is None when every row is greedy."""
+    logits = logits.float()
+    if seen is not None:
+        pen = s.repetition_penalty[:, None]
+        penalised = torch.where(logits > 0, logits / pen, logits * pen)
+        logits = torch.where(seen, penalised, logits)
+    greedy = logits.argmax(dim=-1)
+    if noise is None or not s.any_sampled:
+        return greedy
+    t = s.temperature[:, None]
+    logits = logits / torch.where(t > 0, t, torch.ones_like(t))  # greedy rows are taken from `greedy` below
+    if s.max_k:
+        k = s.top_k.clamp(1, min(s.max_k, logits.size(-1)))[:, None]
+        kth = torch.topk(logits, min(s.max_k, logits.size(-1)), dim=-1).values.gather(1, k - 1)
+        logits = logits.masked_fill((s.top_k > 0)[:, None] & (logits < kth), float("-inf"))
+    if s.any_top_p:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = (probs.cumsum(dim=-1) - probs > s.top_p[:, None]) & (s.top_p < 1)[:, None]
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    sampled = (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+    return torch.where(s.temperature > 0, sampled, greedy)
 
 
 def draw_noise(shape: tuple[int, int], device: torch.device, gen: torch.Generator | None,

@@ -1,0 +1,580 @@
+"""minigpt serve: the per-row sampler, the text stream, the engine against plain generation, and the server
+over real HTTP on 127.0.0.1, driven by the clients people use (the openai package, raw HTTP and SSE, a
+browser)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ENGLISH, MODEL, ROOT, TATAR, train_cfg
+
+from minigpt.checkpoint import load_run
+from minigpt.config import PrepareConfig, Sampling, TokenizerConfig
+from minigpt.corpus import prepare
+from minigpt.generate import RowSampling, generate, next_token, next_token_rows
+from minigpt.serve import Engine, Sequence, TextStream
+from minigpt.tokenizer import build
+from minigpt.train import train
+
+httpx = pytest.importorskip("httpx", reason="the test tools are not installed (pip install -e '.[dev,serve]')")
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+GREEDY = Sampling(temperature=0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# the parts
+
+
+def test_next_token_rows_gives_each_row_what_next_token_gives_it_alone() -> None:
+    """Rows with different settings in one batch: each gets exactly the token the one-setting sampler gives
+    it with the same noise (temperatures that are powers of two keep the division exact)."""
+    torch.manual_seed(0)
+    settings = [Sampling(0.0), Sampling(1.0), Sampling(0.5, top_k=5), Sampling(2.0, top_p=0.6),
+                Sampling(1.0, top_k=3, top_p=0.9, repetition_penalty=1.3), Sampling(0.0, repetition_penalty=2.0),
+                Sampling(1.0, top_p=0.3)]
+    rows, vocab = len(settings), 50
+    for trial in range(20):
+        logits = torch.randn(rows, vocab) * 3
+        seen = torch.rand(rows, vocab) < 0.2
+        noise = torch.empty(rows, vocab).exponential_()
+        s = RowSampling(torch.tensor([x.temperature for x in settings]), torch.tensor([x.top_k for x in settings]),
+                        torch.tensor([x.top_p for x in settings]),
+                        torch.tensor([x.repetition_penalty for x in settings]),
+                        max_k=5, any_top_p=True, any_sampled=True)
+        got = next_token_rows(logits, s, seen, noise)
+        want = [int(next_token(logits[r : r + 1], x, seen[r : r + 1], noise[r : r + 1])) for r, x in enumerate(settings)]
+        assert got.tolist() == want, trial
+
+
+def test_text_stream_holds_back_split_characters_and_stop_strings() -> None:
+    """Tokens are bytes here: a Cyrillic letter comes in two tokens, a stop string across several."""
+
+    def decode(ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def run(text: str, stops: list[str]) -> tuple[list[str], str, bool]:
+        ts = TextStream(decode, stops)
+        pieces = [ts.push(b) for b in text.encode()]
+        pieces.append(ts.finish())
+        return pieces, ts.completion, ts.stopped
+
+    pieces, completion, stopped = run("Сәлам, дөнья! END more", ["END"])
+    assert completion == "Сәлам, дөнья! " and stopped and "".join(pieces) == completion
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces[1] == "С"  # sent as soon as its second byte came, not held for the stop string
+    pieces, completion, stopped = run("abc EN", ["END"])  # a stop string's start at the end is text after all
+    assert completion == "abc EN" and not stopped and pieces[-1] == "EN"
+    pieces, completion, _ = run("xx\n\nyy", ["\n\n", "yy"])  # the earliest stop wins
+    assert completion == "xx"
+    _, completion, stopped = run("ENDING", ["ING", "END"])
+    assert completion == "" and stopped
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tagged toy run (context 32, so rows slide often) and `minigpt serve` on it, on a free port."""
+    tmp = tmp_path_factory.mktemp("serve")
+    source = tmp / "tagged.jsonl"
+    source.write_text("\n".join(json.dumps({"text": f"{t} {i}", "lang": lang}, ensure_ascii=False)
+                                 for i, (t, lang) in enumerate([(ENGLISH, "en"), (TATAR, "tt")] * 150)), encoding="utf-8")
+    data, _ = prepare(PrepareConfig(inputs=[str(source)], out_dir=str(tmp / "data"), val_fraction=0.2))
+    tokens = build(TokenizerConfig(data=str(data), vocab_size=300)).out
+    train(train_cfg(tokens, tmp, name="toy", max_steps=40, eval_every=40), MODEL)
+    port = free_port()
+    proc = start_server(tmp / "toy", port, "--max-batch", "8", "--max-queue", "40", "--max-tokens", "20000",
+                        "--max-body", "20000", "--api-key", KEY)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc)
+        yield {"run": tmp / "toy", "base": base, "proc": proc, "loaded": load_run(tmp / "toy", device="cpu")}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run: Path, port: int, *args: str, log: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    out = open(log or run.parent / f"serve-{port}.log", "w")  # noqa: SIM115 (the process owns it)
+    return subprocess.Popen([sys.executable, "-m", "minigpt.cli", "serve", "--run", str(run), "--port", str(port),
+                             "--device", "cpu", *args], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    """/health answers 503 while the model loads, then 200."""
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        try:
+            r = httpx.get(base + "/health", timeout=2)
+            seen.append(r.status_code)
+            if r.status_code == 200:
+                assert set(seen) <= {200, 503}, seen
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the server never became healthy")
+
+
+def reference(served: dict, prompt: str, max_new: int, tags: dict | None = None) -> str:
+    """What plain (fast-path) generation gives alone: greedy, as `minigpt generate --temperature 0`."""
+    loaded = served["loaded"]
+    ids, _ = loaded.prompt(prompt, tags)
+    return loaded.decode([t for t in generate(loaded.model, ids, max_new, GREEDY, eot=loaded.eot)[0]])
+
+
+def test_engine_joins_and_slides_give_every_sequence_its_lone_tokens(served: dict) -> None:
+    """Sequences of different lengths join the engine while others run (3 slots for 7 sequences), some run
+    past the context (rows slide): each gets exactly the greedy tokens plain generation gives it alone."""
+    loaded = served["loaded"]
+    T = loaded.model.cfg.block_size
+    texts = [ENGLISH[:n] for n in (3, 40, 90, 10)] + [TATAR[:n] for n in (5, 60, 120)]
+    max_new = [70, 5, 12, 40, 3, 66, 20]
+    engine = Engine(loaded, slots=3, max_queue=20)
+    got: dict[int, list[int]] = {i: [] for i in range(len(texts))}
+    ends: dict[int, str] = {}
+    done = threading.Event()
+
+    def emitter(i: int):
+        def emit(tok: int | None, reason: str | None) -> None:
+            if tok is not None:
+                got[i].append(tok)
+            else:
+                ends[i] = reason
+                if len(ends) == len(texts):
+                    done.set()
+        return emit
+
+    engine.start()
+    try:
+        for i, (text, n) in enumerate(zip(texts, max_new, strict=True)):
+            ids, _ = loaded.prompt(text)
+            engine.submit([Sequence(ids, n, GREEDY, None, emitter(i))])
+            time.sleep(0.01 * (i % 3))  # some join a running batch, some arrive together
+        assert done.wait(60)
+    finally:
+        engine.close()
+    assert any(len(loaded.prompt(t)[0]) + n > T for t, n in zip(texts, max_new, strict=True))  # slides happened
+    for i, text in enumerate(texts):
+        ids, _ = loaded.prompt(text)
+        want = generate(loaded.model, ids, max_new[i], GREEDY, eot=loaded.eot)[0]
+        assert got[i][: len(want)] == want, i
+        assert ends[i] == ("stop" if len(got[i]) < max_new[i] else "length")
+
+
+# --------------------------------------------------------------------------------------------------
+# over HTTP
+
+
+@pytest.fixture(scope="module")
+def client(served: dict):
+    openai = pytest.importorskip("openai", reason="the test tools are not installed (pip install -e '.[dev]')")
+    return openai.OpenAI(base_url=served["base"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_openai_client_completions(served: dict, client) -> None:
+    name = client.models.list().data[0].id
+    assert name == "toy" and client.models.retrieve("toy").id == "toy"
+    r = client.completions.create(model=name, prompt="The quick", max_tokens=12, temperature=0)
+    c = r.choices[0]
+    assert r.object == "text_completion" and r.model == "toy" and r.id.startswith("cmpl-")
+    assert c.text == reference(served, "The quick", 12) and c.index == 0
+    assert c.finish_reason in ("length", "stop")
+    prompt_tokens = len(served["loaded"].prompt("The quick")[0])
+    assert r.usage.prompt_tokens == prompt_tokens and r.usage.total_tokens == prompt_tokens + r.usage.completion_tokens
+    if c.finish_reason == "length":
+        assert r.usage.completion_tokens == 12
+
+    # streaming: the pieces add up to the same text; the usage chunk comes last when asked
+    chunks = list(client.completions.create(model=name, prompt="The quick", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == c.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert all(ch.usage is None for ch in chunks[:-1])
+
+    # echo, tags, a list of prompts with n choices each
+    r = client.completions.create(model=name, prompt="Әнием", max_tokens=6, temperature=0, echo=True,
+                                  extra_body={"tags": {"lang": "tt"}})
+    assert r.choices[0].text == "Әнием" + reference(served, "Әнием", 6, {"lang": "tt"})
+    r = client.completions.create(model=name, prompt=["The", "Әни"], n=3, max_tokens=8, temperature=1.0, seed=7)
+    assert sorted(c.index for c in r.choices) == list(range(6))
+    again = client.completions.create(model=name, prompt=["The", "Әни"], n=3, max_tokens=8, temperature=1.0, seed=7)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]  # one seed, the same draws
+    assert len({c.text for c in r.choices[:3]}) > 1  # the choices of one seed still differ
+    assert r.usage.prompt_tokens == sum(len(served["loaded"].prompt(p)[0]) for p in ["The", "Әни"])
+
+
+def test_stop_strings_end_the_text_before_them(served: dict, client) -> None:
+    """A seeded sample, then the same with a stop string taken from its middle: the text ends before it."""
+    same = {"model": "toy", "prompt": "The", "max_tokens": 60, "temperature": 1.0, "seed": 3}
+    full = client.completions.create(**same).choices[0].text
+    stop = full[20:23]
+    want = full[: full.find(stop)]
+    assert stop.strip() and len(want) >= 3, full
+    r = client.completions.create(**same, stop=[stop, "\x00"])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 60
+    chunks = list(client.completions.create(**same, stop=stop, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def sse_events(response) -> list[str]:
+    """The raw events of a text/event-stream body, checking the framing: 'data: ...' then a blank line."""
+    body = "".join(response.iter_text())
+    assert body.endswith("\n\n"), body[-50:]
+    events = body.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), events[:3]
+    return [e[len("data: ") :] for e in events]
+
+
+def test_raw_sse_framing_and_the_native_route(served: dict) -> None:
+    body = {"prompt": "The", "max_tokens": 10, "temperature": 0, "stream": True}
+    with httpx.stream("POST", served["base"] + "/v1/completions", json=body, headers=AUTH, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" and len(c["choices"]) == 1 for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == reference(served, "The", 10)
+
+    # /generate: minigpt generate's options, the text, counts and speed; streamed the same way
+    r = httpx.post(served["base"] + "/generate", json={"prompt": ["The", "Әни"], "max_new_tokens": 9,
+                                                       "temperature": 0, "num_samples": 2}, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [s["prompt"] for s in out["samples"]] == [0, 0, 1, 1]
+    assert out["samples"][0]["text"] == reference(served, "The", 9) == out["samples"][1]["text"]
+    assert out["generated_tokens"] == sum(s["tokens"] for s in out["samples"]) and out["tokens_per_s"] > 0
+    with httpx.stream("POST", served["base"] + "/generate", json={"prompt": "The", "max_new_tokens": 9, "temperature": 0,
+                                                                  "stream": True}, headers=AUTH, timeout=30) as r:
+        events = sse_events(r)
+    pieces = [json.loads(e) for e in events[:-1]]
+    assert events[-1] == "[DONE]" and pieces[-1]["done"] and pieces[-1]["generated_tokens"] >= 1
+    assert "".join(p.get("text", "") for p in pieces[:-1]) == reference(served, "The", 9)
+
+
+BAD = {
+    "bad JSON": (b'{"prompt": "x", ', 400, None),
+    "not an object": (b'[1, 2]', 400, None),
+    "a string for max_tokens": ({"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+    "max_tokens 0": ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    "max_tokens over the limit": ({"prompt": "x", "max_tokens": 20001}, 400, "max_tokens"),
+    "temperature below 0": ({"prompt": "x", "temperature": -0.5}, 400, "temperature"),
+    "top_p 0": ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    "n too large": ({"prompt": "x", "n": 17}, 400, "n"),
+    "an unknown field": ({"prompt": "x", "max_token": 5}, 400, "max_token"),
+    "an unknown tag": ({"prompt": "x", "tags": {"lang": "fr"}}, 400, "tags"),
+    "an unknown tag field": ({"prompt": "x", "tags": {"topic": "tt"}}, 400, "tags"),
+    "a prompt longer than the context": ({"prompt": ENGLISH * 5}, 400, "prompt"),
+    "token ids out of range": ({"prompt": [1, 2, 100000]}, 400, "prompt"),
+    "an empty prompt list": ({"prompt": []}, 400, "prompt"),
+    "too many stop strings": ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    "an empty stop string": ({"prompt": "x", "stop": ""}, 400, "stop"),
+    "logprobs": ({"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    "stream_options without stream": ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    "another model": ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    "more sequences than the queue": ({"prompt": ["a"] * 3, "n": 16}, 400, "n"),
+    "a body over --max-body": ({"prompt": "x" * 30000}, 413, None),
+    "NaN temperature": (b'{"prompt": "x", "temperature": NaN}', 400, None),
+    # found by the fuzz pass: values no float32 holds were a 500
+    "a temperature of 1e308": ({"prompt": "x", "temperature": 1.7e308}, 400, "temperature"),
+    "a repetition_penalty of 1e308": ({"prompt": "x", "repetition_penalty": 9.6e307}, 400, "repetition_penalty"),
+    "a top_k beyond int64": ({"prompt": "x", "top_k": 2**70}, 400, "top_k"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_requests_get_their_status_and_openai_error_shape(served: dict, case: str) -> None:
+    body, status, param = BAD[case]
+    kw = {"content": body, "headers": AUTH | {"content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body, "headers": AUTH}
+    r = httpx.post(served["base"] + "/v1/completions", timeout=30, **kw)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) >= {"message", "type", "code"} and error["message"].endswith(".")
+    if param:
+        assert error["param"] == param or param in error["message"], error
+
+
+def test_keys_routes_and_methods(served: dict) -> None:
+    base = served["base"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(base + "/v1/completions", json={"prompt": "x"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(base + "/info").status_code == 401
+    assert httpx.get(base + "/health").status_code == 200 and httpx.get(base + "/").status_code == 200  # public
+    r = httpx.get(base + "/nowhere", headers=AUTH)
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(base + "/v1/completions", headers=AUTH)
+    assert r.status_code == 405 and "error" in r.json()
+    assert httpx.get(base + "/v1/models/other", headers=AUTH).status_code == 404
+    info = httpx.get(base + "/info", headers=AUTH).json()
+    assert info["tags"] == {"lang": {"en": 150, "tt": 150}} and info["model"]["block_size"] == MODEL["block_size"]
+    assert info["server"]["max_batch"] == 8 and info["model_name"] == "toy"
+    assert "/v1/completions" in httpx.get(base + "/openapi.json").json()["paths"]
+    assert "/generate" in httpx.get(base + "/openapi.json").json()["paths"]
+
+
+def metric(base: str, name: str) -> float:
+    text = httpx.get(base + "/metrics", headers=AUTH).text
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+              or line.startswith(name + "{")]
+    return sum(values)
+
+
+def settles(base: str, name: str, value: float, timeout: float = 5) -> bool:
+    """Whether the metric reaches `value` within `timeout` (gauges move after each decode step)."""
+    deadline = time.monotonic() + timeout
+    while metric(base, name) != value:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(served: dict) -> None:
+    base = served["base"]
+    body = {"prompt": "The", "max_tokens": 20000, "temperature": 1.0, "stream": True, "ignore_eos": True}
+    t0 = time.monotonic()
+    with httpx.stream("POST", base + "/v1/completions", json=body, headers=AUTH, timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert httpx.get(base + "/health").json()["running"] == 1
+    deadline = time.monotonic() + 5
+    while httpx.get(base + "/health").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(base + "/health").json()["running"] == 0, "the slot was not freed"
+    assert time.monotonic() - t0 < 6  # 20,000 tokens take this model far longer
+    assert settles(base, "minigpt_sequences_running", 0)
+
+
+def test_a_full_queue_answers_429_and_load_figures_are_exported(served: dict) -> None:
+    """8 slots and a queue of 40: a request of 32 sequences runs (8) and waits (24); another of 32 is 429."""
+    base = served["base"]
+    long = {"prompt": ["The", "Әни"], "n": 16, "max_tokens": 20000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", base + "/v1/completions", json=long, headers=AUTH, timeout=30) as r:
+        lines = r.iter_lines()  # held: a dropped iterator closes the response
+        next(lines)
+        assert settles(base, "minigpt_sequences_running", 8) and settles(base, "minigpt_sequences_waiting", 24)
+        assert settles(base, "minigpt_batch_size", 8)
+        again = httpx.post(base + "/v1/completions", json=long | {"stream": False}, headers=AUTH, timeout=30)
+        assert again.status_code == 429 and again.json()["error"]["type"] == "rate_limit_error"
+    assert settles(base, "minigpt_sequences_waiting", 0) and settles(base, "minigpt_sequences_running", 0)
+    text = httpx.get(base + "/metrics", headers=AUTH).text
+    for name in ("minigpt_requests_total", "minigpt_prompt_tokens_total", "minigpt_generation_tokens_total",
+                 "minigpt_time_to_first_token_seconds_bucket", "minigpt_inter_token_latency_seconds_bucket",
+                 "minigpt_request_latency_seconds_bucket", "minigpt_requests_running"):
+        assert name in text, name
+    assert 'status="429"' in text and metric(base, "minigpt_generation_tokens_total") > 0
+
+
+def timed_request(base: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    """(seconds to the first token, seconds in all, tokens) of one streamed completion."""
+    t0, first, tokens = time.perf_counter(), None, 0
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", base + "/v1/completions", json=body, headers=AUTH, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        last = ""
+        for line in r.iter_lines():
+            last = line or last
+            if line.startswith("data: {") and first is None and '"text":"' in line and '"text":""' not in line:
+                first = time.perf_counter()
+            if line.startswith("data: {") and '"usage":{' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        assert last == "data: [DONE]"
+    return (first or time.perf_counter()) - t0, time.perf_counter() - t0, tokens
+
+
+def load_figures(base: str, clients: int, max_tokens: int) -> dict:
+    prompts = [f"{ENGLISH[: 5 + i % 20]}" if i % 2 else TATAR[: 5 + i % 30] for i in range(clients)]
+    t0 = time.perf_counter()
+    one_by_one = [timed_request(base, p, max_tokens) for p in prompts]
+    alone = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        together = list(pool.map(lambda p: timed_request(base, p, max_tokens), prompts))
+    batched = time.perf_counter() - t0
+
+    def summary(results: list, seconds: float) -> dict:
+        total = [r[1] for r in results]
+        ttft = [r[0] for r in results]
+        return {"seconds": round(seconds, 3), "tokens": sum(r[2] for r in results),
+                "tokens_per_s": round(sum(r[2] for r in results) / seconds, 1),
+                "p50_s": round(statistics.median(total), 3), "p95_s": round(statistics.quantiles(total, n=20)[-1], 3),
+                "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(statistics.quantiles(ttft, n=20)[-1], 3)}
+
+    return {"one_by_one": summary(one_by_one, alone), "concurrent": summary(together, batched)}
+
+
+def test_32_concurrent_clients_all_succeed_and_beat_one_at_a_time(served: dict) -> None:
+    figures = load_figures(served["base"], 32, 48)
+    print(json.dumps(figures))
+    c, s = figures["concurrent"], figures["one_by_one"]
+    assert c["tokens"] == s["tokens"] == 32 * 48
+    assert c["tokens_per_s"] > 1.5 * s["tokens_per_s"], figures
+    assert c["seconds"] < 120
+
+
+def test_sigterm_lets_running_requests_end_cleanly(served: dict, tmp_path: Path) -> None:
+    """On SIGTERM a short request finishes, a long one ends with finish_reason 'abort' after
+    --shutdown-timeout, both streams close with [DONE], new requests are refused, and the process exits 0."""
+    port = free_port()
+    proc = start_server(served["run"], port, "--shutdown-timeout", "1.5", "--max-tokens", "20000",
+                        log=tmp_path / "serve.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc)
+        results: dict[str, list] = {}
+
+        def stream(name: str, max_tokens: int) -> None:
+            body = {"prompt": "The", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as r:
+                results[name] = sse_events(r)
+
+        threads = [threading.Thread(target=stream, args=("long", 20000)), threading.Thread(target=stream, args=("short", 300))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while httpx.get(base + "/health").json().get("running", 0) < 2:
+            assert time.monotonic() < deadline and all(t.is_alive() for t in threads), results
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        with pytest.raises(httpx.TransportError):  # the listener is closed (or answers 503 until it is)
+            r = httpx.post(base + "/v1/completions", json={"prompt": "x"}, timeout=5)
+            assert r.status_code == 503
+            raise httpx.TransportError("refused with 503")
+        for t in threads:
+            t.join(30)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for name, reason in (("short", "length"), ("long", "abort")):
+        events = results[name]
+        assert events[-1] == "[DONE]", name
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == reason, name
+
+
+# --------------------------------------------------------------------------------------------------
+# the page, in a real browser
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def test_the_page_streams_text_in_headless_chromium(served: dict, tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium (apt-get install -y chromium; .ci/run does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = browser.new_page()
+            page.goto(served["base"] + "/")
+            page.wait_for_selector("#keybox", state="visible")  # /info said 401: the page asks for the key
+            page.fill("#key", KEY)
+            page.dispatch_event("#key", "change")
+            page.wait_for_function("document.getElementById('title').textContent === 'toy'")
+            page.select_option("select[data-field=lang]", "tt")
+            page.fill("#prompt", "")  # from a document start: the tag alone decides the language
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "300")
+            page.evaluate("""() => { window.changes = 0;  // every change of the streamed text, as it happens
+                new MutationObserver(() => window.changes++).observe(document.getElementById('output'),
+                    {childList: true, subtree: true, characterData: true}); }""")
+            page.click("#generate")
+            page.wait_for_function("!document.getElementById('generate').disabled", timeout=30000)
+            final = page.text_content("#completion")
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            stats = page.text_content("#stats")
+            changes = page.evaluate("window.changes")
+            assert page.text_content("#error") == ""
+        finally:
+            browser.close()
+    assert final == reference(served, "", 300, {"lang": "tt"}) != reference(served, "", 300, {"lang": "en"})
+    assert changes > 10, "the text did not arrive piece by piece"
+    assert "tokens/s" in stats and "first token after" in stats
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------------------------------
+# slow: an installed copy, and a fuzz pass
+
+
+@pytest.mark.slow
+def test_a_pip_installed_copy_serves_the_page(tmp_path: Path) -> None:
+    """`pip install .` into a fresh virtualenv (not the editable checkout) ships the page."""
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "runs", "data", "build", "*.egg-info",
+                                                               "__pycache__", ".*_cache"))
+    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert wheel.returncode == 0, wheel.stdout + wheel.stderr
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", *map(str, (tmp_path / "dist").glob("*.whl"))],
+                         capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    check = ("import minigpt, sys; from fastapi.testclient import TestClient; from minigpt.config import ServeConfig; "
+             "from minigpt.serve import create_app; assert sys.argv[1] in minigpt.__file__, minigpt.__file__; "
+             "r = TestClient(create_app(ServeConfig())).get('/'); assert r.status_code == 200, r.status_code; "
+             "assert 'v1/completions' in r.text; print('ok')")
+    proc = subprocess.run([str(py), "-c", check, str(venv)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error(served: dict, tmp_path: Path) -> None:
+    """A fuzz pass over the server's own OpenAPI schema: no 5xx, no crash. A server of its own, whose
+    --max-tokens keeps each generated case short."""
+    st = Path(sys.executable).parent / "schemathesis"
+    if not st.exists():
+        pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
+    port = free_port()
+    proc = start_server(served["run"], port, "--max-tokens", "24", "--api-key", KEY, log=tmp_path / "serve.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc)
+        run = subprocess.run([str(st), "run", base + "/openapi.json", "--checks", "not_a_server_error",
+                              "--max-examples", "40", "--header", f"Authorization: Bearer {KEY}", "--workers", "2",
+                              "--phases", "examples,coverage,fuzzing", "--max-time", "20", "--request-timeout", "20"],
+                             capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+        assert proc.poll() is None and httpx.get(base + "/health").status_code == 200
+        print(run.stdout[-1500:])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
