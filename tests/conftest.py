@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
+import typer
+from typer.testing import CliRunner
 
+from minigpt.cli import app as cli_app
+from minigpt.cli import script_app
 from minigpt.config import PrepareConfig, TokenizerConfig, TrainConfig
 from minigpt.corpus import prepare
 from minigpt.tokenizer import build
@@ -23,6 +29,37 @@ def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float 
     cmd = [sys.executable, *(["-m", "minigpt.cli"] if script == "minigpt" else [str(ROOT / script)]), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`minigpt ARGS` in this process, through Typer's test runner: what `run_script("minigpt", ...)` gives
+    (exit code, stdout, stderr) without a Python start and a torch import (seconds) per call. A few
+    tests still run each face as a user does."""
+    return _invoke(cli_app, ["minigpt", *args], cwd)
+
+
+def run_face(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`run_cli` for the numbered scripts too: the script's own command, run in this process."""
+    if script == "minigpt":
+        return run_cli(*args, cwd=cwd)
+    spec = importlib.util.spec_from_file_location(f"script_{Path(script).stem}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return _invoke(script_app(module.main), [script, *args], cwd)
+
+
+def _invoke(app: typer.Typer, argv: list[str], cwd: Path | None) -> subprocess.CompletedProcess:
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        r = CliRunner().invoke(app, argv[1:])
+    finally:
+        os.chdir(old)
+    stderr = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):  # what a subprocess would print
+        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(r.exception))
+    return subprocess.CompletedProcess(argv, r.exit_code, r.stdout, stderr)
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import assert_user_error, run_script, toy_documents
+from conftest import assert_user_error, run_cli, run_script, toy_documents
 
 from minigpt.config import PrepareConfig, TokenizerConfig
 from minigpt.corpus import prepare
@@ -47,8 +47,8 @@ def test_bench_json_shape(tmp_path: Path) -> None:
 
 
 def test_bench_errors(tmp_path: Path) -> None:
-    assert_user_error(run_script("minigpt", "bench", "--device", "cpu", "--preset", "huge"), "unknown preset")
-    assert_user_error(run_script("minigpt", "bench", "--run", str(tmp_path / "none")), "does not exist")
+    assert_user_error(run_cli("bench", "--device", "cpu", "--preset", "huge"), "unknown preset")
+    assert_user_error(run_cli("bench", "--run", str(tmp_path / "none")), "does not exist")
     afile = tmp_path / "afile"
     afile.write_text("x")
-    assert_user_error(run_script("minigpt", "bench", "--device", "cpu", "--profile", str(afile)), "--profile")
+    assert_user_error(run_cli("bench", "--device", "cpu", "--profile", str(afile)), "--profile")

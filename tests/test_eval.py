@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import MODEL, ROOT, assert_user_error, metrics, run_script, shared_corpus, train_cfg
+from conftest import MODEL, ROOT, assert_user_error, metrics, run_cli, run_script, shared_corpus, train_cfg
 from tokenizers import Tokenizer, decoders, models
 
 from minigpt.checkpoint import load_run
@@ -49,7 +49,7 @@ def tagged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def eval_json(*args: str) -> dict:
-    proc = run_script("minigpt", "eval", *args)
+    proc = run_cli("eval", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -115,7 +115,7 @@ def test_a_smaller_stride_gives_more_context_and_no_higher_loss(toy_dataset: Pat
 
 def test_eval_errors(tagged: dict[str, Path], tmp_path: Path) -> None:
     run = str(tagged["run"])
-    assert_user_error(run_script("minigpt", "eval", "--run", run, str(tmp_path / "nope.txt")), "does not exist")
+    assert_user_error(run_cli("eval", "--run", run, str(tmp_path / "nope.txt")), "does not exist")
 
     def refused(match: str, *inputs: Path, **options: object) -> None:
         with pytest.raises(UserError, match=match):
@@ -141,7 +141,7 @@ def test_eval_prints_document_text_as_text(tagged: dict[str, Path], tmp_path: Pa
     """Brackets in a document (BBCode, markup) are shown as they are, never read as console markup."""
     forum = tmp_path / "forum.txt"
     forum.write_text("[/quote] I disagree [b]strongly[/b].\n[red]not red[/red] and [/] alone\n", encoding="utf-8")
-    proc = run_script("minigpt", "eval", "--run", str(tagged["run"]), str(forum))
+    proc = run_cli("eval", "--run", str(tagged["run"]), str(forum))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[/quote] I disagree [b]strongly[/b]." in proc.stdout and "[red]not red[/red]" in proc.stdout
 
@@ -164,18 +164,18 @@ def test_tags_in_generation_and_info(tagged: dict[str, Path]) -> None:
     assert ids[:2] == [loaded.eot, tt] and cut == 0 and ids[2:] == loaded.encode("The")
     ids, cut = loaded.prompt("word " * 100, {"lang": "en"})
     assert ids[:2] == [loaded.eot, en] and len(ids) == 31 and cut > 0  # room for one new token in 32
-    proc = run_script("minigpt", "generate", "--run", run, "--tag", "lang=tt", "--max-new-tokens", "30",
+    proc = run_cli("generate", "--run", run, "--tag", "lang=tt", "--max-new-tokens", "30",
                       "--temperature", "0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with torch.no_grad():  # the same tokens as a document that starts with the tag
         expected = generate(loaded.model, [loaded.eot, tt], 30, Sampling(temperature=0), eot=loaded.eot)[0]
     assert proc.stdout.split("\n")[1] == loaded.decode(expected).split("\n")[0]
-    assert_user_error(run_script("minigpt", "generate", "--run", run, "--tag", "lang=fr"),
+    assert_user_error(run_cli("generate", "--run", run, "--tag", "lang=fr"),
                       "knows no tag lang=fr", "lang=en, lang=tt")
-    assert_user_error(run_script("minigpt", "generate", "--run", run, "--tag", "lang"), "field=value")
-    assert_user_error(run_script("minigpt", "generate", "--run", run, "--tag", "lang=tt", "--tag", "lang=en"),
+    assert_user_error(run_cli("generate", "--run", run, "--tag", "lang"), "field=value")
+    assert_user_error(run_cli("generate", "--run", run, "--tag", "lang=tt", "--tag", "lang=en"),
                       "gives lang twice")
-    proc = run_script("minigpt", "info", "--run", run)
+    proc = run_cli("info", "--run", run)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["tags"] == {"lang": {"en": 200, "tt": 200}}  # id has 400 values: no token, not a tag

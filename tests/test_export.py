@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ENGLISH, TATAR, assert_user_error, run_script, train_cfg
+from conftest import ENGLISH, TATAR, assert_user_error, run_cli, train_cfg
 
 from minigpt.checkpoint import load_run
 from minigpt.config import ExportConfig, PrepareConfig, Sampling, TokenizerConfig
@@ -43,7 +43,7 @@ def runs(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
 
 
 def export(run: Path, out: Path, *extra: str) -> dict:
-    proc = run_script("minigpt", "export", "--run", str(run), str(out), *extra)
+    proc = run_cli("export", "--run", str(run), str(out), *extra)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -71,7 +71,7 @@ def test_transformers_loads_the_folder_and_agrees(runs: dict[str, Path], kind: s
         ours, theirs = loaded.model(x).logits, hf(x).logits
     assert (ours - theirs).abs().max().item() < 1e-4
     # greedy: the tokens `minigpt generate --temperature 0` prints, from the same document start
-    proc = run_script("minigpt", "generate", "--run", str(runs[kind]), "--prompt", "Әнием", "--temperature", "0",
+    proc = run_cli("generate", "--run", str(runs[kind]), "--prompt", "Әнием", "--temperature", "0",
                       "--max-new-tokens", "32")
     assert proc.returncode == 0, proc.stderr
     prompt = [loaded.eot, *loaded.encode("Әнием")]
@@ -113,7 +113,7 @@ def test_an_int8_run_exports_its_dequantised_weights(runs: dict[str, Path]) -> N
     from transformers import AutoModelForCausalLM
 
     q = runs["tmp"] / "untied-int8"
-    proc = run_script("minigpt", "quantize", "--run", str(runs["untied"]), "--out", str(q), "--device", "cpu",
+    proc = run_cli("quantize", "--run", str(runs["untied"]), "--out", str(q), "--device", "cpu",
                       "--eval-tokens", "512", "--new-tokens", "4")
     assert proc.returncode == 0, proc.stderr
     out = runs["tmp"] / "hf-int8"
@@ -129,7 +129,7 @@ def test_an_int8_run_exports_its_dequantised_weights(runs: dict[str, Path]) -> N
 
 def test_export_errors(runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train(train_cfg(runs["tokens"]["tied"], tmp_path, name="gelu", max_steps=2, eval_every=2), SHAPE | {"mlp": "gelu"})
-    assert_user_error(run_script("minigpt", "export", "--run", str(tmp_path / "gelu"), str(tmp_path / "g")),
+    assert_user_error(run_cli("export", "--run", str(tmp_path / "gelu"), str(tmp_path / "g")),
                       "--mlp gelu", "no llama equivalent")
     run = runs["tied"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, run_script, toy_documents
+from conftest import assert_user_error, run_cli, run_script, toy_documents
 
 from minigpt.checkpoint import find_checkpoint, load_model, load_run
 from minigpt.config import PrepareConfig, Sampling, TokenizerConfig, TrainConfig
@@ -55,7 +55,7 @@ def test_per_channel_error_stays_within_the_int8_bound() -> None:
 
 
 def test_save_load_round_trip_is_exact(run: Path, tmp_path: Path) -> None:
-    proc = run_script("minigpt", "quantize", "--run", str(run), "--out", str(tmp_path / "q"), "--device", "cpu",
+    proc = run_cli("quantize", "--run", str(run), "--out", str(tmp_path / "q"), "--device", "cpu",
                       "--eval-tokens", "1024", "--new-tokens", "4")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     model, config = load_model(find_checkpoint(run, "best"))
@@ -93,7 +93,7 @@ def test_quantized_runs_load_everywhere_and_report(run: Path, tmp_path: Path) ->
     reports = {}
     for kind in ("int8", "bf16", "fp16"):
         out = tmp_path / f"run-{kind}"
-        proc = run_script("minigpt", "quantize", "--run", str(run), "--to", kind, "--out", str(out), "--device", "cpu",
+        proc = run_cli("quantize", "--run", str(run), "--to", kind, "--out", str(out), "--device", "cpu",
                           "--eval-tokens", "2048", "--new-tokens", "8")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         reports[kind] = r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -104,24 +104,24 @@ def test_quantized_runs_load_everywhere_and_report(run: Path, tmp_path: Path) ->
     assert 0.45 < reports["bf16"]["size_ratio"] < 0.55
     assert abs(reports["int8"]["val_bpb_change_pct"]) < 5 and abs(reports["bf16"]["val_bpb_change_pct"]) < 5
     q = str(tmp_path / "run-int8")
-    proc = run_script("minigpt", "generate", "--run", q, "--prompt", "The", "--max-new-tokens", "8", "--temperature", "0")
+    proc = run_cli("generate", "--run", q, "--prompt", "The", "--max-new-tokens", "8", "--temperature", "0")
     assert proc.returncode == 0 and "int8" in proc.stdout, proc.stdout + proc.stderr
     proc = run_script("quick_test.py", "--run", q, "--max-new-tokens", "4", "--temperature", "0.5")
     assert "val_bpb" in proc.stdout and "int8" in proc.stdout, proc.stdout + proc.stderr
-    proc = run_script("minigpt", "bench", "--run", q, "--device", "cpu", "--new-tokens", "4", "--prompt-tokens", "4")
+    proc = run_cli("bench", "--run", q, "--device", "cpu", "--new-tokens", "4", "--prompt-tokens", "4")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and result["train"]["eager"] is None and "int8" in result["source"]
     assert result["inference"]["cache"]["decode_batch1_tokens_per_s"] > 0
 
 
 def test_errors(run: Path, tmp_path: Path) -> None:
-    assert_user_error(run_script("minigpt", "quantize", "--run", str(tmp_path / "none")), "does not exist")
-    assert_user_error(run_script("minigpt", "quantize", "--run", str(run), "--to", "int4"), "unknown --to")
+    assert_user_error(run_cli("quantize", "--run", str(tmp_path / "none")), "does not exist")
+    assert_user_error(run_cli("quantize", "--run", str(run), "--to", "int4"), "unknown --to")
     out = tmp_path / "q8"
-    assert run_script("minigpt", "quantize", "--run", str(run), "--out", str(out), "--device", "cpu",
+    assert run_cli("quantize", "--run", str(run), "--out", str(out), "--device", "cpu",
                       "--eval-tokens", "1024", "--new-tokens", "4").returncode == 0
-    assert_user_error(run_script("minigpt", "quantize", "--run", str(out), "--device", "cpu"), "already quantized to int8")
-    info = json.loads(run_script("minigpt", "info", "--run", str(out)).stdout.strip().splitlines()[-1])
+    assert_user_error(run_cli("quantize", "--run", str(out), "--device", "cpu"), "already quantized to int8")
+    info = json.loads(run_cli("info", "--run", str(out)).stdout.strip().splitlines()[-1])
     assert info["quantization"] == "int8" and info["quantization_source"] == str(run / "best")
     assert info["val_bpb"] is None  # the source run's figure is not this run's
     wrong = tmp_path / "wrong"
@@ -132,7 +132,7 @@ def test_errors(run: Path, tmp_path: Path) -> None:
         (wrong / tag / "manifest.json").unlink()  # resealed below: only the vocab mismatch remains
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in (wrong / tag).iterdir()}
         (wrong / tag / "manifest.json").write_text(json.dumps(files))
-    assert_user_error(run_script("minigpt", "quantize", "--run", str(wrong), "--device", "cpu"), "does not belong")
+    assert_user_error(run_cli("quantize", "--run", str(wrong), "--device", "cpu"), "does not belong")
 
 
 def test_bf16_inference_for_float_and_int8_models(run: Path) -> None:

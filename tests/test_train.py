@@ -15,7 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MODEL, MODEL_ARGS, ROOT, assert_user_error, losses, metrics, run_script, train_cfg
+from conftest import (
+    MODEL,
+    MODEL_ARGS,
+    ROOT,
+    assert_user_error,
+    losses,
+    metrics,
+    run_cli,
+    run_face,
+    run_script,
+    train_cfg,
+)
 from typer.testing import CliRunner
 
 from minigpt.checkpoint import find_checkpoint, load_model, save_checkpoint
@@ -161,8 +172,8 @@ def test_two_processes_agree_to_stop_on_the_time_limit(tokens: Path, tmp_path: P
 def test_batch_and_context_errors(tokens: Path, tmp_path: Path) -> None:
     """Train-specific mistakes; the table of every bad input is in test_errors.py."""
     base = ["--data", str(tokens), "--runs-dir", str(tmp_path), "--max-steps", "2"]
-    assert_user_error(run_script("03_train.py", *base, *MODEL_ARGS, "--total-batch-tokens", "100"), "multiple of")
-    assert_user_error(run_script("03_train.py", "--data", str(tmp_path / "missing")), "does not exist")
+    assert_user_error(run_face("03_train.py", *base, *MODEL_ARGS, "--total-batch-tokens", "100"), "multiple of")
+    assert_user_error(run_face("03_train.py", "--data", str(tmp_path / "missing")), "does not exist")
     with pytest.raises(UserError, match="shorter than one context"):
         train(train_cfg(tokens, tmp_path, max_steps=1), MODEL | {"block_size": 100_000})
 
@@ -186,20 +197,20 @@ def test_cli_help_and_generate(tokens: Path, tmp_path: Path) -> None:
     assert re.search(r"\d+ tokens in [\d.]+ s \([\d,]+ tokens/s", proc.stderr)  # the speed, on stderr
     alone = proc.stdout.split("\n")[1]
     for by_name in ([], ["--run", "run"]):  # no --run: the newest run under --runs-dir; a name: that run there
-        proc = run_script("minigpt", "generate", "--runs-dir", str(tmp_path), *by_name, "--prompt", "Әнием",
+        proc = run_cli("generate", "--runs-dir", str(tmp_path), *by_name, "--prompt", "Әнием",
                           "--max-new-tokens", "12", "--temperature", "0", cwd=tmp_path.parent)
         assert proc.returncode == 0 and proc.stdout.split("\n")[1] == alone and run in proc.stdout, proc.stdout + proc.stderr
-    proc = run_script("minigpt", "generate", "--run", run, "--prompt", "a", "--prompt", "Әнием", "--num-samples", "2",
-                      "--max-new-tokens", "12", "--temperature", "0")  # one batch, the shorter prompt left-padded
+    proc = run_cli("generate", "--run", run, "--prompt", "a", "--prompt", "Әнием", "--num-samples", "2",
+                      "--max-new-tokens", "12", "--temperature", "0")  # one batch, each prompt at its own positions
     assert proc.returncode == 0 and proc.stdout.count("sample 2") == 2
     assert proc.stdout.count(f"\n{alone}\n") == 2, proc.stdout  # as when it ran alone
-    assert_user_error(run_script("minigpt", "generate", "--run", run, "--prompt", ""), "prompt is empty")
-    assert_user_error(run_script("minigpt", "generate", "--run", str(tmp_path / "none")), "does not exist")
+    assert_user_error(run_cli("generate", "--run", run, "--prompt", ""), "prompt is empty")
+    assert_user_error(run_cli("generate", "--run", str(tmp_path / "none")), "does not exist")
     proc = run_script("quick_test.py", "--run", run, "--max-new-tokens", "8", "--temperature", "0.8")
     assert proc.returncode == 0 and "better than the unigram baseline" in proc.stdout, proc.stdout + proc.stderr
     assert "val_bpb" in proc.stdout and "perplexity" in proc.stdout
     train(train_cfg(tokens, tmp_path, name="untrained", max_steps=1, lr=0.0), MODEL)
-    proc = run_script("quick_test.py", "--run", str(tmp_path / "untrained"), "--max-new-tokens", "4")
+    proc = run_face("quick_test.py", "--run", str(tmp_path / "untrained"), "--max-new-tokens", "4")
     assert proc.returncode == 1 and "no better than a unigram baseline" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -299,7 +310,7 @@ def test_recipe_fills_only_what_the_command_line_leaves_out(tokens: Path, tmp_pa
     assert with_recipe({"recipe": "", "lr": None, "max_steps": None})["lr"] == TrainConfig().lr
     with pytest.raises(UserError, match="unknown --recipe"):
         with_recipe({"recipe": "tpu"})
-    proc = run_script("03_train.py", "--data", str(tokens), "--runs-dir", str(tmp_path), "--name", "r", "--device",
+    proc = run_face("03_train.py", "--data", str(tokens), "--runs-dir", str(tmp_path), "--name", "r", "--device",
                       "cpu", "--recipe", "cpu", "--max-steps", "2", "--eval-tokens", "1024", "--block-size", "32")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     resolved = json.loads((tmp_path / "r" / "last" / "config.json").read_text())["train"]
