@@ -212,6 +212,8 @@ class Engine:
     def _join(self, r: int, seq: Sequence) -> None:
         """Put `seq` into slot `r`: its prompt but the last token into the slot's cache rows; the last token
         is the row's next input, so the next step gives its first new token."""
+        if self.metrics is not None:
+            self.metrics.queue_time(time.perf_counter() - seq.queued)
         prompt = seq.ids[-self.T :]
         if len(prompt) > 1:
             ctx = torch.tensor([prompt[:-1]], dtype=torch.long, device=self.device)
@@ -226,8 +228,6 @@ class Engine:
         seq.context = list(prompt)
         if seq.seed is not None:
             seq.gen = torch.Generator(device=self.device).manual_seed(seq.seed)
-        if self.metrics is not None:
-            self.metrics.queue_time(time.perf_counter() - seq.queued)
 
     def _slide(self, r: int, seq: Sequence) -> None:
         """The row's context is full: keep its last `keep` tokens, the `keep - 1` before its newest token
@@ -275,8 +275,9 @@ class Engine:
                     self.metrics.token(now - (seq.queued if seq.produced == 1 else seq.last), seq.produced == 1)
                 seq.last = now
                 seq.emit(t, None)
-                if (t == self.eot and not seq.ignore_eos) or seq.produced >= seq.max_new:
-                    self._free(r, "length" if seq.produced >= seq.max_new else "stop")
+                ended = t == self.eot and not seq.ignore_eos
+                if ended or seq.produced >= seq.max_new:
+                    self._free(r, "stop" if ended else "length")
 
     def _free(self, r: int, reason: str) -> None:
         seq = self.slots[r]
@@ -505,8 +506,13 @@ class Server:
         """Load the run and start the engine (in a thread of its own: /health says 503 meanwhile)."""
         try:
             loaded = load_run(self.cfg.run, self.cfg.checkpoint, resolve_device(self.cfg.device), self.cfg.runs_dir)
+            engine = Engine(loaded, self.cfg.max_batch, self.cfg.max_queue, self.metrics)
         except UserError as e:
             self.failed = str(e)
+            return
+        except Exception as e:  # out of memory for --max-batch slots, a CUDA error...: say so and stop
+            traceback.print_exc(file=sys.stderr)
+            self.failed = f"loading the run failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})."
             return
         self.name = self.name or loaded.folder.parent.name
         self.created = int(loaded.folder.stat().st_mtime)
@@ -514,7 +520,6 @@ class Server:
                                         "server": {"max_batch": self.cfg.max_batch, "max_queue": self.cfg.max_queue,
                                                    "max_tokens": self.cfg.max_tokens, "max_body": self.cfg.max_body,
                                                    "max_choices": MAX_CHOICES, "api_key": bool(self.api_key)}}
-        engine = Engine(loaded, self.cfg.max_batch, self.cfg.max_queue, self.metrics)
         engine.start()
         self.loaded, self.engine = loaded, engine
 
@@ -605,7 +610,8 @@ class Metrics:
                                 registry=r)
         self.prompt_tokens = Counter("minigpt_prompt_tokens", "Prompt tokens of the generation requests served.",
                                      registry=r)
-        self.generated_tokens = Counter("minigpt_generation_tokens", "Tokens generated.", registry=r)
+        self.generated_tokens = Counter("minigpt_generation_tokens", "Tokens generated (those past a stop string "
+                                        "or a disconnect included).", registry=r)
         self.ttft = Histogram("minigpt_time_to_first_token_seconds", "From a sequence's arrival to its first token.",
                               buckets=slow, registry=r)
         self.itl = Histogram("minigpt_inter_token_latency_seconds", "Between a sequence's consecutive tokens.",
@@ -624,6 +630,7 @@ class Metrics:
         self.queue.observe(seconds)
 
     def token(self, seconds: float, first: bool) -> None:
+        self.generated_tokens.inc()
         (self.ttft if first else self.itl).observe(seconds)
 
     def step(self, rows: int) -> None:
@@ -668,8 +675,8 @@ class Guard:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             key = self.server.api_key
             if key and path not in PUBLIC:
-                given = headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                given = headers.get("authorization", "").encode("latin-1")  # the header's bytes, as sent
+                if not hmac.compare_digest(given, f"Bearer {key}".encode()):
                     await self._refuse(counted, ApiError(401, "a valid API key is needed: send the header "
                                        "'Authorization: Bearer KEY'.", "authentication_error", "invalid_api_key"))
                     return
@@ -733,6 +740,20 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     return f"{where}: {e.get('msg', 'invalid')}" + ("" if str(e.get("msg", "")).endswith(".") else "."), param
 
 
+def _encodable(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_encodable(k) and _encodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_encodable(v) for v in value)
+    return True
+
+
 def create_app(cfg: ServeConfig, api_key: str = "", on_load_error: Callable[[str], None] | None = None) -> Any:
     """The FastAPI app (routes, error shapes, the guard, metrics). It loads the run in a thread when it
     starts; /health says 503 until the model is ready."""
@@ -740,7 +761,7 @@ def create_app(cfg: ServeConfig, api_key: str = "", on_load_error: Callable[[str
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
     from starlette.exceptions import HTTPException
 
     metrics = Metrics()
@@ -773,6 +794,13 @@ def create_app(cfg: ServeConfig, api_key: str = "", on_load_error: Callable[[str
 
     class Strict(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+        @model_validator(mode="after")
+        def _unicode(self) -> Any:
+            # JSON lets a lone surrogate through ("\ud800"); no tokenizer or response can take it
+            if not _encodable(self.model_dump()):
+                raise ValueError("a string in the body is not valid Unicode (a lone surrogate escape)")
+            return self
 
     class StreamOptions(Strict):
         include_usage: bool = Field(False, description="Send a last chunk with the usage, before [DONE].")
@@ -871,7 +899,6 @@ def create_app(cfg: ServeConfig, api_key: str = "", on_load_error: Callable[[str
         job.accounted = True
         metrics.running.dec()
         metrics.prompt_tokens.inc(job.usage["prompt_tokens"])
-        metrics.generated_tokens.inc(job.usage["completion_tokens"])
         metrics.latency.observe(time.perf_counter() - job.started)
 
     def failed(job: Job) -> ApiError | None:

@@ -43,23 +43,30 @@ GREEDY = Sampling(temperature=0.0)
 
 def test_next_token_rows_gives_each_row_what_next_token_gives_it_alone() -> None:
     """Rows with different settings in one batch: each gets exactly the token the one-setting sampler gives
-    it with the same noise (temperatures that are powers of two keep the division exact)."""
+    it with the same noise (temperatures that are powers of two keep the division exact). Twice: every rule
+    in use, and a batch whose flags let the sampler skip top-k, top-p and the penalty."""
     torch.manual_seed(0)
-    settings = [Sampling(0.0), Sampling(1.0), Sampling(0.5, top_k=5), Sampling(2.0, top_p=0.6),
-                Sampling(1.0, top_k=3, top_p=0.9, repetition_penalty=1.3), Sampling(0.0, repetition_penalty=2.0),
-                Sampling(1.0, top_p=0.3)]
-    rows, vocab = len(settings), 50
-    for trial in range(20):
-        logits = torch.randn(rows, vocab) * 3
-        seen = torch.rand(rows, vocab) < 0.2
-        noise = torch.empty(rows, vocab).exponential_()
-        s = RowSampling(torch.tensor([x.temperature for x in settings]), torch.tensor([x.top_k for x in settings]),
-                        torch.tensor([x.top_p for x in settings]),
-                        torch.tensor([x.repetition_penalty for x in settings]),
-                        max_k=5, any_top_p=True, any_sampled=True)
-        got = next_token_rows(logits, s, seen, noise)
-        want = [int(next_token(logits[r : r + 1], x, seen[r : r + 1], noise[r : r + 1])) for r, x in enumerate(settings)]
-        assert got.tolist() == want, trial
+    mixed = [Sampling(0.0), Sampling(1.0), Sampling(0.5, top_k=5), Sampling(2.0, top_p=0.6),
+             Sampling(1.0, top_k=3, top_p=0.9, repetition_penalty=1.3), Sampling(0.0, repetition_penalty=2.0),
+             Sampling(1.0, top_p=0.3)]
+    plain = [Sampling(0.0), Sampling(1.0), Sampling(0.5), Sampling(4.0)]
+    vocab = 50
+    for settings in (mixed, plain):
+        rows = len(settings)
+        for trial in range(20):
+            logits = torch.randn(rows, vocab) * 3
+            seen = torch.rand(rows, vocab) < 0.2
+            noise = torch.empty(rows, vocab).exponential_()
+            s = RowSampling(torch.tensor([x.temperature for x in settings]), torch.tensor([x.top_k for x in settings]),
+                            torch.tensor([x.top_p for x in settings]),
+                            torch.tensor([x.repetition_penalty for x in settings]),
+                            max_k=max(x.top_k for x in settings), any_top_p=any(x.top_p < 1 for x in settings),
+                            any_sampled=True)
+            penalised = any(x.repetition_penalty != 1 for x in settings)
+            got = next_token_rows(logits, s, seen if penalised else None, noise)
+            want = [int(next_token(logits[r : r + 1], x, seen[r : r + 1], noise[r : r + 1]))
+                    for r, x in enumerate(settings)]
+            assert got.tolist() == want, (trial, settings)
 
 
 def test_text_stream_holds_back_split_characters_and_stop_strings() -> None:
@@ -149,12 +156,15 @@ def reference(served: dict, prompt: str, max_new: int, tags: dict | None = None)
 
 
 def test_engine_joins_and_slides_give_every_sequence_its_lone_tokens(served: dict) -> None:
-    """Sequences of different lengths join the engine while others run (3 slots for 7 sequences), some run
-    past the context (rows slide): each gets exactly the greedy tokens plain generation gives it alone."""
+    """Sequences of different lengths and sampling settings join the engine while others run (3 slots for 7
+    sequences), some run past the context (rows slide): each gets exactly the tokens plain generation gives
+    it alone with its seed (the same draws from the same generator, so sampled tokens must match too)."""
     loaded = served["loaded"]
     T = loaded.model.cfg.block_size
     texts = [ENGLISH[:n] for n in (3, 40, 90, 10)] + [TATAR[:n] for n in (5, 60, 120)]
     max_new = [70, 5, 12, 40, 3, 66, 20]
+    settings = [Sampling(1.0), GREEDY, Sampling(0.5, top_k=8), Sampling(1.0, top_p=0.8), Sampling(2.0),
+                Sampling(1.0, top_k=20, repetition_penalty=1.5), Sampling(0.0, repetition_penalty=2.0)]
     engine = Engine(loaded, slots=3, max_queue=20)
     got: dict[int, list[int]] = {i: [] for i in range(len(texts))}
     ends: dict[int, str] = {}
@@ -174,17 +184,61 @@ def test_engine_joins_and_slides_give_every_sequence_its_lone_tokens(served: dic
     try:
         for i, (text, n) in enumerate(zip(texts, max_new, strict=True)):
             ids, _ = loaded.prompt(text)
-            engine.submit([Sequence(ids, n, GREEDY, None, emitter(i))])
+            engine.submit([Sequence(ids, n, settings[i], 100 + i, emitter(i))])
             time.sleep(0.01 * (i % 3))  # some join a running batch, some arrive together
         assert done.wait(60)
     finally:
         engine.close()
-    assert any(len(loaded.prompt(t)[0]) + n > T for t, n in zip(texts, max_new, strict=True))  # slides happened
+    assert sum(len(loaded.prompt(t)[0]) + len(got[i]) > T for i, t in enumerate(texts)) >= 2  # rows slid
     for i, text in enumerate(texts):
         ids, _ = loaded.prompt(text)
-        want = generate(loaded.model, ids, max_new[i], GREEDY, eot=loaded.eot)[0]
+        want = generate(loaded.model, ids, max_new[i], settings[i], eot=loaded.eot, seed=100 + i)[0]
         assert got[i][: len(want)] == want, i
-        assert ends[i] == ("stop" if len(got[i]) < max_new[i] else "length")
+        assert ends[i] == ("stop" if got[i][-1] == loaded.eot else "length"), i  # <|endoftext|> ends it, even last
+    assert sum(len(set(g)) for g in got.values()) > 40  # varied text: a context mix-up would show
+
+
+def run_engine(loaded, seqs: list[tuple[list[int], int, Sampling]], slots: int) -> tuple[list, dict, list]:
+    """Submit (ids, max_new, sampling) sequences at once; returns their tokens, finish reasons, and the
+    order in which their first tokens came."""
+    got: list[list[int]] = [[] for _ in seqs]
+    ends: dict[int, str] = {}
+    order: list[int] = []
+    done = threading.Event()
+
+    def emitter(i: int):
+        def emit(tok: int | None, reason: str | None) -> None:
+            if tok is not None:
+                if not got[i]:
+                    order.append(i)
+                got[i].append(tok)
+            else:
+                ends[i] = reason
+                if len(ends) == len(seqs):
+                    done.set()
+        return emit
+
+    engine = Engine(loaded, slots=slots, max_queue=len(seqs))
+    engine.submit([Sequence(ids, n, s, None, emitter(i)) for i, (ids, n, s) in enumerate(seqs)])
+    engine.start()
+    try:
+        assert done.wait(60)
+    finally:
+        engine.close()
+    return got, ends, order
+
+
+def test_engine_serves_first_come_first_and_an_eot_at_the_limit_is_a_stop(served: dict) -> None:
+    loaded = served["loaded"]
+    ids = [loaded.prompt(t)[0] for t in ("", "The", "Әни", "Ш", "x")]
+    got, ends, order = run_engine(loaded, [(i, 6, GREEDY) for i in ids], slots=1)
+    assert order == list(range(len(ids)))  # one slot: in the order they came
+    got, ends, _ = run_engine(loaded, [(i, 60, GREEDY) for i in ids], slots=2)
+    stopped = [(i, g.index(loaded.eot)) for i, g in enumerate(got) if loaded.eot in g]
+    assert stopped, "no greedy continuation ends; pick other prompts"
+    i, at = stopped[0]
+    got, ends, _ = run_engine(loaded, [(ids[i], at + 1, GREEDY)], slots=1)  # <|endoftext|> is its last token
+    assert got[0][-1] == loaded.eot and ends[0] == "stop"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,6 +357,8 @@ BAD = {
     "more sequences than the queue": ({"prompt": ["a"] * 3, "n": 16}, 400, "n"),
     "a body over --max-body": ({"prompt": "x" * 30000}, 413, None),
     "NaN temperature": (b'{"prompt": "x", "temperature": NaN}', 400, None),
+    "a lone surrogate in the prompt": (b'{"prompt": "ab\\ud800cd"}', 400, None),
+    "a lone surrogate in a tag": (b'{"prompt": "x", "tags": {"lang": "\\udfff"}}', 400, None),
     # found by the fuzz pass: values no float32 holds were a 500
     "a temperature of 1e308": ({"prompt": "x", "temperature": 1.7e308}, 400, "temperature"),
     "a repetition_penalty of 1e308": ({"prompt": "x", "repetition_penalty": 9.6e307}, 400, "repetition_penalty"),
@@ -376,6 +432,26 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(served: dict) -> None:
     assert settles(base, "minigpt_sequences_running", 0)
 
 
+def test_a_client_that_leaves_a_plain_request_frees_its_slot(served: dict) -> None:
+    """Without streaming nothing is sent until the end: the server notices the closed connection itself."""
+    base = served["base"]
+    body = {"prompt": "The", "max_tokens": 20000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/completions", json=body, headers=AUTH, timeout=1.0)
+    assert settles(base, "minigpt_sequences_running", 0, timeout=2), "the slot was not freed"
+
+
+def test_a_load_that_fails_says_why(served: dict) -> None:
+    """Not only a bad run: any failure while loading (here no memory for the slots) is reported, and the
+    server stops instead of answering 503 'loading' for ever."""
+    from minigpt.config import ServeConfig
+    from minigpt.serve import Server
+
+    server = Server(ServeConfig(run=str(served["run"]), device="cpu", max_batch=10**9), "", None)
+    server.load()
+    assert server.engine is None and "loading the run failed" in server.failed
+
+
 def test_a_full_queue_answers_429_and_load_figures_are_exported(served: dict) -> None:
     """8 slots and a queue of 40: a request of 32 sequences runs (8) and waits (24); another of 32 is 429."""
     base = served["base"]
@@ -440,7 +516,7 @@ def test_32_concurrent_clients_all_succeed_and_beat_one_at_a_time(served: dict) 
     print(json.dumps(figures))
     c, s = figures["concurrent"], figures["one_by_one"]
     assert c["tokens"] == s["tokens"] == 32 * 48
-    assert c["tokens_per_s"] > 1.5 * s["tokens_per_s"], figures
+    assert c["tokens_per_s"] > 1.2 * s["tokens_per_s"], figures  # measured: 2.3x on 2 CPU cores
     assert c["seconds"] < 120
 
 
@@ -448,7 +524,7 @@ def test_sigterm_lets_running_requests_end_cleanly(served: dict, tmp_path: Path)
     """On SIGTERM a short request finishes, a long one ends with finish_reason 'abort' after
     --shutdown-timeout, both streams close with [DONE], new requests are refused, and the process exits 0."""
     port = free_port()
-    proc = start_server(served["run"], port, "--shutdown-timeout", "1.5", "--max-tokens", "20000",
+    proc = start_server(served["run"], port, "--shutdown-timeout", "3", "--max-tokens", "20000",
                         log=tmp_path / "serve.log")
     base = f"http://127.0.0.1:{port}"
     try:
@@ -460,7 +536,7 @@ def test_sigterm_lets_running_requests_end_cleanly(served: dict, tmp_path: Path)
             with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as r:
                 results[name] = sse_events(r)
 
-        threads = [threading.Thread(target=stream, args=("long", 20000)), threading.Thread(target=stream, args=("short", 300))]
+        threads = [threading.Thread(target=stream, args=("long", 20000)), threading.Thread(target=stream, args=("short", 40))]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 20
