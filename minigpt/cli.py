@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import os
 import sys
 import time
 import typing
@@ -39,7 +40,7 @@ from .evaluate import eval_run
 from .export import export_run
 from .generate import default_mode, generate, generate_many
 from .quantize import quantize_run
-from .serve import serve_run
+from .serve import load_bench, serve_run
 from .utils import UserError, atomic_open, console, err_console, human_bytes, resolve_device, rule
 
 # --------------------------------------------------------------------------------------------------
@@ -304,7 +305,22 @@ def export_cmd(cfg: ExportConfig) -> None:
 @app.command("bench")
 @cli_command(BenchConfig, overrides=ModelConfig)
 def bench_cmd(cfg: BenchConfig, overrides: dict[str, Any]) -> None:
-    """Training, generation and data throughput on one device: a table, then one JSON line."""
+    """Training, generation and data throughput on one device (or, with --serve URL, a running server's
+    throughput and latency under --clients at once): a table, then one JSON line."""
+    if cfg.serve:
+        r = load_bench(cfg.serve, cfg.clients, cfg.new_tokens, os.environ.get("MINIGPT_API_KEY", ""))
+        t = Table(title=escape(f"minigpt serve at {r['url']}: {r['clients']} streamed requests of {r['new_tokens']} "
+                               "tokens"), title_justify="left")
+        for col in ("", "seconds", "tokens/s", "latency p50", "p95", "first token p50", "p95"):
+            t.add_column(col, justify="left" if not col else "right")
+        for label, key in (("one at a time", "one_by_one"), ("all at once", "at_once")):
+            x = r[key]
+            t.add_row(label, f"{x['seconds']:.2f}", f"{x['tokens_per_s']:,.1f}", f"{x['latency_p50_s']:.3f} s",
+                      f"{x['latency_p95_s']:.3f} s", f"{x['ttft_p50_s']:.3f} s", f"{x['ttft_p95_s']:.3f} s")
+        t.caption = f"all at once: x{r['speedup']} the tokens/s"
+        console.print(t)
+        write_json_line(r, cfg.json)
+        return
     result = run_bench(cfg, overrides)
     console.print(bench_table(result))
     write_json_line(result, cfg.json)

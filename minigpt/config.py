@@ -429,9 +429,14 @@ class BenchConfig:
     profile: str = opt("", help="Folder for torch.profiler traces (Chrome/Perfetto JSON) and top-operator tables "
                                "of training steps and of decoding (default: no profiling).")
     seed: int = seed_opt()
+    serve: str = opt("", help="Measure a running minigpt serve at this URL instead: --clients streamed requests of "
+                              "--new-tokens, one at a time then all at once (key: $MINIGPT_API_KEY).")
+    clients: int = opt(32, help="Concurrent clients for --serve.")
 
     def __post_init__(self) -> None:
         check_compile_mode(self.compile_mode)
+        if self.clients < 1:
+            raise UserError("--clients must be at least 1.")
         check_preset(self.preset)
         if self.steps < 1 or self.new_tokens < 2 or self.prompt_tokens < 1 or self.batch_size < 1:
             raise UserError("--steps, --batch-size and --prompt-tokens must be at least 1, --new-tokens at least 2.")
