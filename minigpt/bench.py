@@ -33,7 +33,7 @@ from .corpus import iter_documents
 from .data import BatchSampler, TokenData, load_tokenizer
 from .generate import DECODE_MODES, Decoder, default_mode, generate_reference
 from .model import GPT
-from .train import make_optimizer
+from .train import Optimizers
 from .utils import UserError, autocast, console, human_count, peak_flops, resolve_device, resolve_dtype, sync
 
 BATCHES = (1, 8, 32)
@@ -78,12 +78,14 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def train_step(model: GPT, cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: bool) -> Callable[[], None]:
-    """One optimizer step on a fixed random batch: forward and backward under autocast, clip, AdamW."""
+def train_step(model: GPT, cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: bool,
+               kind: str = "adamw") -> Callable[[], None]:
+    """One optimizer step on a fixed random batch: forward and backward under autocast, clip, the update
+    (`kind`: adamw, or muon for the blocks' matrices beside AdamW, as training runs them)."""
     T = model.cfg.block_size
     model.train()
     step_model: Callable[..., Any] = torch.compile(model, mode=cfg.compile_mode) if compiled else model
-    optimizer = make_optimizer(model, TrainConfig(lr=1e-4), device)
+    optimizer = Optimizers(model, TrainConfig(lr=1e-4, optimizer=kind), device)
     x = torch.randint(0, model.cfg.vocab_size, (cfg.batch_size, T + 1), device=device)
 
     @torch.enable_grad()  # the CLI turns gradients off for inference
@@ -93,17 +95,19 @@ def train_step(model: GPT, cfg: BenchConfig, device: torch.device, dtype: torch.
             loss = step_model(x[:, :-1], x[:, 1:]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for o in optimizer.all:
+            o.step()
+        optimizer.zero_grad()
 
     return step
 
 
 def bench_train(
-    model: GPT, cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: bool, peak: float
+    model: GPT, cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: bool, peak: float,
+    kind: str = "adamw",
 ) -> dict[str, Any]:
     T = model.cfg.block_size
-    step = train_step(model, cfg, device, dtype, compiled)
+    step = train_step(model, cfg, device, dtype, compiled, kind)
     reset_peak(device)
     t0 = time.perf_counter()
     for _ in range(3):  # warm-up (and compilation)
@@ -319,6 +323,8 @@ def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
         if trainable and cfg.compile and device.type == "cuda":
             compiled = bench_train(model, cfg, device, dtype, True, peak)
         result["train"]["compiled"] = compiled
+        # the same eager step with Muon for the blocks' matrices (--optimizer muon)
+        result["train"]["muon"] = bench_train(model, cfg, device, dtype, False, peak, "muon") if trainable else None
     inference_model = model
     if trainable and device.type == "cuda" and dtype != torch.float32:  # decode in the training precision's weights
         inference_model = GPT(model.cfg).to(device, dtype)

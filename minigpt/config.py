@@ -216,10 +216,14 @@ class TrainConfig:
     max_minutes: float = opt(
         0.0, help="Time budget: the LR decays by time as well as steps, then the run stops, evaluates and saves (0: none)."
     )
+    optimizer: str = opt("adamw", help="adamw, or muon: Muon (Newton-Schulz orthogonalised momentum) for the 2-D "
+                                       "weights inside the blocks, AdamW for the embedding, the head and the norms.")
     lr: float = opt(1e-3, help="Peak learning rate.")
+    muon_lr: float = opt(0.0, help="Muon's peak learning rate, RMS-matched to AdamW's (0: the same as --lr).")
+    muon_momentum: float = opt(0.95, help="Muon's momentum (Nesterov).")
     min_lr_ratio: float = opt(0.1, help="Final learning rate as a share of the peak (cosine decay).")
     warmup_steps: int = opt(100, help="Linear warmup steps (step 0 already gets lr / warmup-steps).")
-    weight_decay: float = opt(0.1, help="AdamW weight decay, on matrices only.")
+    weight_decay: float = opt(0.1, help="Weight decay, on matrices only (AdamW's and Muon's).")
     beta1: float = opt(0.9, help="AdamW beta1.")
     beta2: float = opt(0.95, help="AdamW beta2.")
     grad_clip: float = opt(1.0, help="Clip the gradient norm to this (0: off).")
@@ -242,8 +246,15 @@ class TrainConfig:
         for name in ("batch_size", "max_steps", "log_every", "eval_every", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1.")
-        if self.warmup_steps < 0 or self.max_minutes < 0 or self.lr < 0:
-            raise UserError("--warmup-steps, --max-minutes and --lr must not be negative.")
+        if self.warmup_steps < 0 or self.max_minutes < 0 or self.lr < 0 or self.muon_lr < 0:
+            raise UserError("--warmup-steps, --max-minutes, --lr and --muon-lr must not be negative.")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown --optimizer {self.optimizer!r}; choose {' or '.join(OPTIMIZERS)}.")
+        if not 0 <= self.muon_momentum < 1:
+            raise UserError(f"--muon-momentum must be in [0, 1), got {self.muon_momentum}.")
+
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 # What `bash run_pipeline.sh` trains, by machine: 03_train.py --recipe NAME fills in every option the
