@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
-INPUT=() NAME="" PRESET="" DEVICE=auto MAX_STEPS="" MAX_MINUTES="" VOCAB=8192 CHAR="" INSTALL_ONLY=""
+INPUT=() NAME="" PRESET="" DEVICE=auto MAX_STEPS="" MAX_MINUTES="" VOCAB=0 CHAR="" INSTALL_ONLY=""
 DATA_DIR=data RUNS_DIR=runs EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -57,11 +57,14 @@ TRAIN=(--recipe "$RECIPE" --preset "$PRESET")
 
 # ${A[@]+"${A[@]}"}: an empty array is fine under set -u, even in macOS's bash 3.2
 NAME=${NAME:-$("$PY" -c "import sys; from minigpt.corpus import default_name; print(default_name(sys.argv[1:]))" ${INPUT[@]+"${INPUT[@]}"})}
-TOKENS="$DATA_DIR/$NAME/$([[ -n "$CHAR" ]] && echo char || echo "bpe$VOCAB")"
 RUN="$NAME-$PRESET"
 
 echo "== 1/4 prepare data -> $DATA_DIR/$NAME"
 "$PY" 01_prepare_data.py ${INPUT[@]+"${INPUT[@]}"} --name "$NAME" --out-dir "$DATA_DIR"
+# the token folder: bpe<vocab> (the vocab sized to the corpus unless --vocab-size says) or char
+TOKENS=$("$PY" -c "import sys; from minigpt.config import TokenizerConfig as C; from minigpt.tokenizer import resolve_vocab
+print(resolve_vocab(sys.argv[1], C(data=sys.argv[1], vocab_size=int(sys.argv[2]), char=bool(sys.argv[3])))[1])" \
+  "$DATA_DIR/$NAME" "$VOCAB" "$CHAR")
 echo "== 2/4 tokenizer and token shards -> $TOKENS"
 if [[ -n "$CHAR" ]]; then
   "$PY" 02_train_tokenizer.py --data "$DATA_DIR/$NAME" --char
@@ -72,5 +75,7 @@ echo "== 3/4 train -> $RUNS_DIR/$RUN"
 "$PY" 03_train.py --data "$TOKENS" --name "$RUN" --runs-dir "$RUNS_DIR" --device "$DEVICE" "${TRAIN[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
 echo "== 4/4 quick test"
 "$PY" quick_test.py --run "$RUNS_DIR/$RUN" --device "$DEVICE"
-echo "== done. The run is in $RUNS_DIR/$RUN/ (best/, last/, metrics.jsonl). Try:"
-echo "   minigpt generate --run $RUNS_DIR/$RUN --prompt 'def main():'"
+echo "== done. The run is in $RUNS_DIR/$RUN/ (best/, last/, metrics.jsonl). Try (a prompt from your own text):"
+"$PY" -c "import shlex, sys; from minigpt.corpus import sample_prompt; p = sample_prompt(sys.argv[2])
+print('   minigpt generate --run', shlex.quote(sys.argv[1]), *(['--prompt', shlex.quote(p)] if p else []))" \
+  "$RUNS_DIR/$RUN" "$DATA_DIR/$NAME"

@@ -111,7 +111,8 @@ class PrepareConfig:
 @dataclass
 class TokenizerConfig:
     data: str = opt("data/stdlib", help="A dataset folder written by 01_prepare_data.py.")
-    vocab_size: int = opt(8192, help="BPE vocabulary size, special tokens included.")
+    vocab_size: int = opt(0, help="BPE vocabulary size, special tokens included (0: sized to the corpus, "
+                                  "512 to 8192).")
     char: bool = opt(False, help="Character-level tokenizer instead of BPE (unseen characters fall back to bytes).")
     out: str = opt("", help="Output folder (default: <data>/bpe<vocab-size> or <data>/char).")
     min_frequency: int = opt(2, help="BPE merges need a pair seen at least this often.")
@@ -123,8 +124,9 @@ class TokenizerConfig:
     check_docs: int = opt(10_000, help="Val documents whose shard tokens must decode back to exactly the document.")
 
     def __post_init__(self) -> None:
-        if not self.char and not 256 + 1 < self.vocab_size:
-            raise UserError(f"--vocab-size must exceed 257 (256 bytes + <|endoftext|>), got {self.vocab_size}.")
+        if not self.char and self.vocab_size and not 256 + 1 < self.vocab_size:
+            raise UserError(f"--vocab-size must exceed 257 (256 bytes + <|endoftext|>), or be 0 (sized to the "
+                            f"corpus), got {self.vocab_size}.")
         if self.shard_tokens < 1024:
             raise UserError("--shard-tokens must be at least 1024.")
 

@@ -710,6 +710,23 @@ def prepare(cfg: PrepareConfig) -> tuple[Path, dict[str, Any]]:
     return out, summary
 
 
+def sample_prompt(dataset: str | Path, max_chars: int = 40) -> str:
+    """The start of the first val line with two words or more, cut at a word within `max_chars`: a prompt
+    in the corpus's own language and style, for the pipeline's closing hint."""
+    for text, _ in iter_documents(Path(dataset), "val"):
+        for line in text.splitlines():
+            words = line.split()
+            if len(words) < 2:
+                continue
+            prompt = " ".join(words[:2])
+            for word in words[2:]:
+                if len(prompt) + 1 + len(word) > max_chars:
+                    break
+                prompt += " " + word
+            return prompt
+    return ""
+
+
 def default_name(inputs: list[str]) -> str:
     if not inputs or inputs == ["stdlib"]:
         return "stdlib"

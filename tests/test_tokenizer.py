@@ -12,9 +12,9 @@ from conftest import ENGLISH, RUSSIAN, TATAR, assert_user_error, run_script, sha
 
 from minigpt.cli import Streamer
 from minigpt.config import PrepareConfig, TokenizerConfig
-from minigpt.corpus import iter_documents, prepare
+from minigpt.corpus import DOC_SEP, iter_documents, prepare, sample_prompt
 from minigpt.data import EOT, load_tokenizer
-from minigpt.tokenizer import SPLIT_PATTERN, build
+from minigpt.tokenizer import SPLIT_PATTERN, auto_vocab_size, build
 from minigpt.utils import UserError
 
 HARD = [
@@ -108,6 +108,24 @@ def test_vocab_too_large_for_the_corpus(tmp_path: Path) -> None:
     proc = run_script("02_train_tokenizer.py", "--data", str(data), "--vocab-size", "5000")
     assert_user_error(proc, "--vocab-size", "or less")
     assert not list(data.glob("*/*.bin")) and not list(data.glob("*/.*.tmp"))  # nothing half-written
+
+
+def test_vocab_size_0_is_sized_to_the_corpus(dataset: Path, capsys: pytest.CaptureFixture) -> None:
+    assert [auto_vocab_size(n) for n in (0, 131_071, 131_072, 400_000, 1_000_000, 12_000_000)] == [
+        512, 512, 1024, 2048, 4096, 8192]  # at least 128 bytes of train text per entry, 512 to 8192
+    train_bytes = json.loads((dataset / "stats.json").read_text())["bytes"]["train"]
+    out = build(TokenizerConfig(data=str(dataset), vocab_size=0)).out
+    assert out.name == f"bpe{auto_vocab_size(train_bytes)}" and "sized to the corpus" in capsys.readouterr().out
+    assert json.loads((out / "meta.json").read_text())["vocab_size"] == auto_vocab_size(train_bytes)
+
+
+def test_the_closing_hint_prompts_with_the_corpus_own_words(dataset: Path, tmp_path: Path) -> None:
+    first = next(iter_documents(dataset, "val"))[0]
+    prompt = sample_prompt(dataset)
+    assert len(prompt.split()) >= 2 and len(prompt) <= 40 and " ".join(first.split()).startswith(prompt)
+    (tmp_path / "val.txt").write_text('"""\n    ast\n\n    The `ast` module helps Python applications to process trees\n'
+                                      + DOC_SEP + "\n", encoding="utf-8")
+    assert sample_prompt(tmp_path) == "The `ast` module helps Python"  # a line with words, cut at a word
 
 
 def test_vocab_size_must_hold_the_bytes() -> None:
