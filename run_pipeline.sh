@@ -63,19 +63,25 @@ echo "== 1/4 prepare data -> $DATA_DIR/$NAME"
 "$PY" 01_prepare_data.py ${INPUT[@]+"${INPUT[@]}"} --name "$NAME" --out-dir "$DATA_DIR"
 # the token folder: bpe<vocab> (the vocab sized to the corpus unless --vocab-size says) or char
 TOKENS=$("$PY" -c "import sys; from minigpt.config import TokenizerConfig as C; from minigpt.tokenizer import resolve_vocab
-print(resolve_vocab(sys.argv[1], C(data=sys.argv[1], vocab_size=int(sys.argv[2]), char=bool(sys.argv[3])))[1])" \
-  "$DATA_DIR/$NAME" "$VOCAB" "$CHAR")
+from minigpt.utils import UserError
+try:
+    print(resolve_vocab(sys.argv[1], C(data=sys.argv[1], vocab_size=int(sys.argv[2]), char=bool(sys.argv[3])))[1])
+except ValueError:
+    sys.exit(print('run_pipeline.sh: --vocab-size takes a number', file=sys.stderr) or 2)
+except UserError as e:
+    sys.exit(print(f'error: {e}', file=sys.stderr) or 2)" "$DATA_DIR/$NAME" "$VOCAB" "$CHAR")
 echo "== 2/4 tokenizer and token shards -> $TOKENS"
 if [[ -n "$CHAR" ]]; then
   "$PY" 02_train_tokenizer.py --data "$DATA_DIR/$NAME" --char
 else
-  "$PY" 02_train_tokenizer.py --data "$DATA_DIR/$NAME" --vocab-size "$VOCAB"
+  "$PY" 02_train_tokenizer.py --data "$DATA_DIR/$NAME" --vocab-size "$VOCAB" --out "$TOKENS"
 fi
 echo "== 3/4 train -> $RUNS_DIR/$RUN"
 "$PY" 03_train.py --data "$TOKENS" --name "$RUN" --runs-dir "$RUNS_DIR" --device "$DEVICE" "${TRAIN[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
 echo "== 4/4 quick test"
 "$PY" quick_test.py --run "$RUNS_DIR/$RUN" --device "$DEVICE"
 echo "== done. The run is in $RUNS_DIR/$RUN/ (best/, last/, metrics.jsonl). Try (a prompt from your own text):"
-"$PY" -c "import shlex, sys; from minigpt.corpus import sample_prompt; p = sample_prompt(sys.argv[2])
-print('   minigpt generate --run', shlex.quote(sys.argv[1]), *(['--prompt', shlex.quote(p)] if p else []))" \
+"$PY" -c "import shlex, sys; from minigpt.corpus import sample_prompt; p, tags = sample_prompt(sys.argv[2])
+print('   minigpt generate --run', shlex.quote(sys.argv[1]), *(['--prompt', shlex.quote(p)] if p else []),
+      *[t for k, v in tags.items() for t in ('--tag', shlex.quote(k + '=' + v))])" \
   "$RUNS_DIR/$RUN" "$DATA_DIR/$NAME"

@@ -252,6 +252,8 @@ class TrainConfig:
             raise UserError("--warmup-steps, --max-minutes, --lr and --muon-lr must not be negative.")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown --optimizer {self.optimizer!r}; choose {' or '.join(OPTIMIZERS)}.")
+        if self.optimizer == "muon" and self.muon_lr and not self.lr:
+            raise UserError("--muon-lr needs --lr above 0: one schedule, relative to --lr, drives both optimizers.")
         if not 0 <= self.muon_momentum < 1:
             raise UserError(f"--muon-momentum must be in [0, 1), got {self.muon_momentum}.")
 

@@ -710,21 +710,25 @@ def prepare(cfg: PrepareConfig) -> tuple[Path, dict[str, Any]]:
     return out, summary
 
 
-def sample_prompt(dataset: str | Path, max_chars: int = 40) -> str:
-    """The start of the first val line with two words or more, cut at a word within `max_chars`: a prompt
-    in the corpus's own language and style, for the pipeline's closing hint."""
-    for text, _ in iter_documents(Path(dataset), "val"):
+def sample_prompt(dataset: str | Path, max_chars: int = 40) -> tuple[str, dict[str, str]]:
+    """A prompt in the corpus's own language and style, for the pipeline's closing hint, and the tags of
+    its document: the start of the first val line with two words or more, cut at a word within
+    `max_chars` (or, in a script written without spaces, the first `max_chars` characters of a line)."""
+    fallback: tuple[str, dict[str, str]] = ("", {})
+    for text, tags in iter_documents(Path(dataset), "val"):
         for line in text.splitlines():
             words = line.split()
-            if len(words) < 2:
+            if len(words) < 2 or len(words[0]) + 1 + len(words[1]) > max_chars:
+                if line.strip() and not fallback[0]:
+                    fallback = (line.strip()[:max_chars].strip(), tags)
                 continue
             prompt = " ".join(words[:2])
             for word in words[2:]:
                 if len(prompt) + 1 + len(word) > max_chars:
                     break
                 prompt += " " + word
-            return prompt
-    return ""
+            return prompt, tags
+    return fallback
 
 
 def default_name(inputs: list[str]) -> str:

@@ -264,11 +264,13 @@ def build(cfg: TokenizerConfig) -> TokenizerResult:
     data = Path(cfg.data)
     vocab_size_wanted, out = resolve_vocab(data, cfg)
     stats = read_json(data / "stats.json", "dataset stats")
-    if not cfg.char and not cfg.vocab_size:
+    auto = not cfg.char and not cfg.vocab_size
+    if auto:
         console.print(f"vocab {vocab_size_wanted:,}: sized to the corpus ({stats['bytes']['train'] / 1e6:.2f} MB of train "
                       f"text, at least {BYTES_PER_ENTRY} bytes per entry, {AUTO_VOCAB_RANGE[0]}-{AUTO_VOCAB_RANGE[1]}; "
                       "--vocab-size N to choose)", highlight=False)
-    cfg = dataclasses.replace(cfg, vocab_size=vocab_size_wanted)
+    if not cfg.char:
+        cfg = dataclasses.replace(cfg, vocab_size=vocab_size_wanted)
     kind = "char" if cfg.char else "bpe"
     out.mkdir(parents=True, exist_ok=True)
     tag_tokens, skipped_tags = choose_tags(stats, cfg.max_tag_values)
@@ -285,7 +287,10 @@ def build(cfg: TokenizerConfig) -> TokenizerResult:
             tok = train_bpe(texts, cfg.vocab_size, specials, cfg.min_frequency)
     train_seconds = time.perf_counter() - start
     vocab_size = tok.get_vocab_size()
-    if not cfg.char and vocab_size < cfg.vocab_size:
+    if auto and vocab_size < cfg.vocab_size:  # a very small corpus: all the merges it has (meta.json says)
+        console.print(f"[yellow]the corpus supports {vocab_size} tokens, fewer than {cfg.vocab_size}: vocab "
+                      f"{vocab_size} (in {out})[/]")
+    elif not cfg.char and vocab_size < cfg.vocab_size:
         raise UserError(
             f"the corpus only supports {vocab_size} tokens, fewer than --vocab-size {cfg.vocab_size}; "
             f"use --vocab-size {vocab_size} or less, or add text."

@@ -87,7 +87,7 @@ class Muon(torch.optim.Optimizer):
     rule: one learning rate serves both optimizers).
 
     `torch.optim.Muon` computes the same in bfloat16 only: on a CPU without bf16 matmuls its step took
-    880 ms where this one takes ~10 (4 layers x 128 wide, 2 cores, measured), so training runs this one.
+    880 ms where this one takes ~50 (4 layers x 128 wide, 2 cores, measured), so training runs this one.
     """
 
     def __init__(self, params: Any, lr: float, weight_decay: float = 0.1, momentum: float = 0.95,
@@ -163,11 +163,15 @@ class Optimizers:
         saved = "muon" if set(state) == {"adamw", "muon"} else "adamw"
         if saved != self.kind:
             raise UserError(f"{source} was trained with --optimizer {saved}; resume it with --optimizer {saved}.")
+        kernels = [(g["fused"], g["foreach"]) for g in self.adamw.param_groups]
         if saved == "adamw":
             self.adamw.load_state_dict(state)
         else:
             self.adamw.load_state_dict(state["adamw"])
             self.muon.load_state_dict(state["muon"])
+        # a state saved elsewhere (an older run, another device) carries its own kernel flags: keep ours
+        for g, (fused, foreach) in zip(self.adamw.param_groups, kernels, strict=True):
+            g["fused"], g["foreach"] = fused, foreach
 
 
 def accumulation(cfg: TrainConfig, block_size: int, world: int) -> tuple[int, int]:
@@ -450,8 +454,11 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip or float("inf"))
         bad = self.health.check(norm, loss, self.scaler.is_enabled())
         if self.scaler.is_enabled():  # fp16: the scaler skips non-finite steps itself, and lowers its scale
-            for optimizer in self.optimizer.all:
-                self.scaler.step(optimizer)
+            # each optimizer sees only its own overflow; with two, an overflow anywhere skips both (the
+            # clip has already zeroed every finite gradient)
+            if len(self.optimizer.all) == 1 or bool(torch.isfinite(norm)):
+                for optimizer in self.optimizer.all:
+                    self.scaler.step(optimizer)
             self.scaler.update()
         else:
             skip = None  # read from the device once, and only when an optimizer cannot skip by itself
@@ -676,7 +683,8 @@ class Trainer:
         }
         if self.d.main:
             _plot(self.metrics_path, self.run_dir / "loss.png")
-            resume = f"python 03_train.py --data {cfg.data} --runs-dir {cfg.runs_dir} --name {self.name} --resume"
+            resume = (f"python 03_train.py --data {cfg.data} --runs-dir {cfg.runs_dir} --name {self.name} --resume"
+                      + (f" --optimizer {cfg.optimizer}" if cfg.optimizer != "adamw" else ""))
             if stop.interrupted:
                 console.print(f"[yellow]interrupted at step {step}; saved {self.run_dir}/last. Resume with: {resume}[/]")
             if stop.failed:

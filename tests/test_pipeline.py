@@ -30,6 +30,6 @@ def test_run_pipeline_end_to_end(tmp_path: Path) -> None:
     assert [e["step"] for e in evals] == [50, 100] and evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert "val_bpb" in out and "vocab 8,192: sized to the corpus" in out  # 11.7 MB of the stdlib: the largest
     hint = out.split("Try (a prompt from your own text):")[1]
-    assert "minigpt generate --run" in hint and sample_prompt(tmp_path / "data" / "stdlib").split("'")[0] in hint, hint
+    assert "minigpt generate --run" in hint and sample_prompt(tmp_path / "data" / "stdlib")[0].split("'")[0] in hint, hint
     samples = out.split("4/4 quick test")[1]
     assert any(word in samples for word in ("def ", "return", "self", "import")), samples[:2000]

@@ -39,9 +39,10 @@ def poison(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int], factor: float =
     monkeypatch.setattr(GPT, "forward", patched)
 
 
-def test_non_finite_updates_are_skipped_and_counted(tokens: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+def test_non_finite_updates_are_skipped_and_counted(tokens: Path, tmp_path: Path, monkeypatch, capsys, kind: str) -> None:
     poison(monkeypatch, {7, 8, 20})
-    summary = train(train_cfg(tokens, tmp_path, log_every=5), MODEL)
+    summary = train(train_cfg(tokens, tmp_path, log_every=5, optimizer=kind), MODEL)
     out = " ".join(capsys.readouterr().out.split())
     assert "skipped 2 update(s)" in out and "skipped 1 update(s)" in out and "(3 in all)" in out
     assert not summary["failed"] and summary["steps"] == 30

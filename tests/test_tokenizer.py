@@ -121,11 +121,33 @@ def test_vocab_size_0_is_sized_to_the_corpus(dataset: Path, capsys: pytest.Captu
 
 def test_the_closing_hint_prompts_with_the_corpus_own_words(dataset: Path, tmp_path: Path) -> None:
     first = next(iter_documents(dataset, "val"))[0]
-    prompt = sample_prompt(dataset)
+    prompt, tags = sample_prompt(dataset)
     assert len(prompt.split()) >= 2 and len(prompt) <= 40 and " ".join(first.split()).startswith(prompt)
-    (tmp_path / "val.txt").write_text('"""\n    ast\n\n    The `ast` module helps Python applications to process trees\n'
-                                      + DOC_SEP + "\n", encoding="utf-8")
-    assert sample_prompt(tmp_path) == "The `ast` module helps Python"  # a line with words, cut at a word
+    assert tags == {}
+
+    def val(text: str, name: str) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "val.txt").write_text(text + "\n" + DOC_SEP + "\n", encoding="utf-8")
+        return tmp_path / name
+
+    code = val('"""\n    ast\n\n    The `ast` module helps Python applications to process trees', "code")
+    assert sample_prompt(code)[0] == "The `ast` module helps Python"  # a line with words, cut at a word
+    url = val("https://example.com/a/very/long/path/that/goes/on?x=1 foo bar", "url")
+    assert sample_prompt(url)[0] == "https://example.com/a/very/long/path/tha"  # never past 40 characters
+    assert sample_prompt(val("今日は良い天気ですね。散歩に行きましょう。", "ja"))[0] == "今日は良い天気ですね。散歩に行きましょう。"
+    (tmp_path / "tagged").mkdir()
+    (tmp_path / "tagged" / "val.jsonl").write_text('{"text": "Әнием җырлый, һәр көн", "lang": "tt"}\n', encoding="utf-8")
+    assert sample_prompt(tmp_path / "tagged") == ("Әнием җырлый, һәр көн", {"lang": "tt"})
+
+
+def test_a_corpus_too_small_for_the_auto_vocab_gets_what_it_supports(tmp_path: Path, capsys) -> None:
+    (tmp_path / "small.txt").write_text("\n\n".join(f"{ENGLISH} {i}" for i in range(40)), encoding="utf-8")
+    data, _ = prepare(PrepareConfig(inputs=[str(tmp_path / "small.txt")], out_dir=str(tmp_path / "data")))
+    result = build(TokenizerConfig(data=str(data)))
+    assert result.out.name == "bpe512" and 257 < result.meta["vocab_size"] < 512
+    assert "the corpus supports" in capsys.readouterr().out
+    with pytest.raises(UserError, match="the corpus only supports"):  # asked for: still an error
+        build(TokenizerConfig(data=str(data), vocab_size=512))
 
 
 def test_vocab_size_must_hold_the_bytes() -> None:

@@ -44,7 +44,7 @@ from minigpt.config import (
 from minigpt.data import BatchSampler, Shards, TokenData
 from minigpt.model import GPT
 from minigpt.tokenizer import build
-from minigpt.train import Optimizers, Trainer, forward_backward, lr_at, orthogonalise, train
+from minigpt.train import Muon, Optimizers, Trainer, forward_backward, lr_at, orthogonalise, train
 from minigpt.utils import Dist, UserError
 
 
@@ -121,6 +121,63 @@ def test_orthogonalise_pushes_every_singular_value_towards_one() -> None:
         assert 0.5 < s.min() and s.max() < 1.3, (shape, s.min(), s.max())
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
         assert torch.nn.functional.cosine_similarity(o.flatten(), (u @ vh).flatten(), dim=0) > 0.9
+
+
+def test_one_muon_step_by_hand() -> None:
+    """Nesterov momentum, orthogonalised, the RMS-matching scale 0.2 sqrt(max(rows, cols)), decoupled decay."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    w0, buf = w.detach().clone(), torch.zeros(6, 4)
+    opt = Muon([w], lr=0.1, weight_decay=0.5, momentum=0.9)
+    for _ in range(2):
+        g = torch.randn(6, 4)
+        w.grad = g.clone()
+        before = w.detach().clone()
+        opt.step()
+        buf = 0.9 * buf + g
+        want = before * (1 - 0.1 * 0.5) - 0.1 * 0.2 * math.sqrt(6) * orthogonalise(g + 0.9 * buf)
+        torch.testing.assert_close(w.detach(), want)
+    assert not torch.equal(w.detach(), w0)
+
+
+def test_an_optimizer_state_saved_with_other_kernels_still_steps() -> None:
+    """optimizer.pt from before AdamW was fused on CPU (or from another device) carries fused=False: the
+    loaded groups keep this machine's kernel, and the on-device skip still works."""
+    model = GPT(ModelConfig(**MODEL, vocab_size=64))
+    old = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=False)
+    model(torch.randint(0, 64, (2, 9))[:, :-1], torch.randint(0, 64, (2, 8))).loss.backward()
+    old.step()
+    opt = Optimizers(model, TrainConfig(), torch.device("cpu"))
+    state = old.state_dict()
+    state["param_groups"] = [dict(state["param_groups"][0], params=ids) for ids in
+                             ([i for i, p in enumerate(model.parameters()) if p.dim() >= 2],
+                              [i for i, p in enumerate(model.parameters()) if p.dim() < 2])]
+    opt.load_state_dict(state, Path("old"))
+    assert all(g["fused"] for g in opt.adamw.param_groups)
+    opt.adamw.found_inf = torch.zeros(())  # what train_step sets
+    opt.adamw.step()
+
+
+def test_fp16_overflow_in_one_optimizers_weights_skips_both(tokens: Path, tmp_path: Path, monkeypatch) -> None:
+    """Under the fp16 scaler each optimizer sees only its own gradients: an overflow in the embedding alone
+    must not let Muon step the blocks with the clip's zeroed gradients."""
+    import minigpt.train as train_module
+
+    monkeypatch.setattr(train_module, "resolve_dtype", lambda name, device: torch.float16)
+    trainer = Trainer(train_cfg(tokens, tmp_path, optimizer="muon"), MODEL, Dist(), torch.device("cpu"))
+    trainer.train_step(1e-3)
+    blocks = {n: p.detach().clone() for n, p in trainer.raw_model.named_parameters() if n.startswith("blocks.")}
+    momentum = [s["momentum_buffer"].clone() for s in trainer.optimizer.muon.state.values()]
+    handle = trainer.raw_model.wte.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("inf")))
+    trainer.train_step(1e-3)
+    handle.remove()
+    for n, p in trainer.raw_model.named_parameters():
+        if n in blocks:
+            assert torch.equal(p.detach(), blocks[n]), n
+    assert all(torch.equal(s["momentum_buffer"], m) for s, m in zip(trainer.optimizer.muon.state.values(), momentum,
+                                                                      strict=True))
+    trainer.train_step(1e-3)  # and the next good step moves them again
+    assert any(not torch.equal(p.detach(), blocks[n]) for n, p in trainer.raw_model.named_parameters() if n in blocks)
 
 
 @pytest.mark.parametrize("kind", OPTIMIZERS)
