@@ -63,6 +63,11 @@ def lr_at(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+# Measured on Tatar cut to 400 KB (vocab 2048, the cpu recipe for 4 minutes, ~20 epochs): without dropout
+# val bits per byte bottomed at 1.2706 and rose to 1.3393; with 0.1 it reached 1.2294 and kept falling.
+SMALL_DATA_EPOCHS = 4  # a run planned to read its train split more often than this gets dropout unless told
+SMALL_DATA_DROPOUT = 0.1
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: the steepest slope at 0 that still settles
 
 
@@ -355,7 +360,17 @@ class Trainer:
         if (self.run_dir / "last").exists() and self.d.main:
             console.print(f"[yellow]{self.run_dir} already holds a run; starting over (use --resume to continue it)[/]")
         torch.manual_seed(self.cfg.seed)
-        return GPT(model_config(self.cfg.preset, self.data.vocab_size, overrides))
+        mcfg = model_config(self.cfg.preset, self.data.vocab_size, overrides)
+        if overrides.get("dropout") is None and not mcfg.dropout:
+            rows, _ = accumulation(self.cfg, mcfg.block_size, self.d.world)
+            epochs = self.cfg.max_steps * rows * mcfg.block_size / max(self.data.train.tokens, 1)
+            if epochs > SMALL_DATA_EPOCHS:  # a small corpus, read many times over: regularise
+                mcfg = dataclasses.replace(mcfg, dropout=SMALL_DATA_DROPOUT)
+                if self.d.main:
+                    console.print(f"dropout {SMALL_DATA_DROPOUT}: {self.cfg.max_steps:,} steps would read the "
+                                  f"{self.data.train.tokens:,} train tokens {epochs:.0f} times (--dropout 0 to "
+                                  "train without it)", highlight=False)
+        return GPT(mcfg)
 
     def _restore_model(self) -> tuple[dict[str, Any], GPT]:
         self.resume_folder = folder = find_checkpoint(self.run_dir, "last")

@@ -123,6 +123,17 @@ def test_orthogonalise_pushes_every_singular_value_towards_one() -> None:
         assert torch.nn.functional.cosine_similarity(o.flatten(), (u @ vh).flatten(), dim=0) > 0.9
 
 
+def test_a_run_that_would_read_its_data_many_times_gets_dropout(tokens: Path, tmp_path: Path, capsys) -> None:
+    cpu = torch.device("cpu")
+    train_tokens = TokenData(tokens).train.tokens
+    many = 5 * train_tokens // (8 * 32) + 1  # steps of 8 x 32 tokens: five epochs and a bit
+    assert Trainer(train_cfg(tokens, tmp_path, max_steps=many), MODEL, Dist(), cpu).mcfg.dropout == 0.1
+    assert "--dropout 0 to train without it" in " ".join(capsys.readouterr().out.split())
+    assert Trainer(train_cfg(tokens, tmp_path, max_steps=many), MODEL | {"dropout": 0.0}, Dist(), cpu).mcfg.dropout == 0
+    few = 3 * train_tokens // (8 * 32)  # three epochs: no dropout
+    assert Trainer(train_cfg(tokens, tmp_path, max_steps=few), MODEL, Dist(), cpu).mcfg.dropout == 0
+
+
 def test_one_muon_step_by_hand() -> None:
     """Nesterov momentum, orthogonalised, the RMS-matching scale 0.2 sqrt(max(rows, cols)), decoupled decay."""
     torch.manual_seed(0)
