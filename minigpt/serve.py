@@ -896,20 +896,42 @@ def create_app(cfg: ServeConfig, api_key: str = "", on_load_error: Callable[[str
         job = Job(server, ask)
         job.submit()
         metrics.running.inc()
-        return job
 
-    def account(job: Job) -> None:
-        if job.accounted:
-            return
-        job.accounted = True
-        metrics.running.dec()
-        metrics.prompt_tokens.inc(job.usage["prompt_tokens"])
-        metrics.latency.observe(time.perf_counter() - job.started)
+        def account() -> None:  # once, when the stream or the request is over
+            if not job.accounted:
+                job.accounted = True
+                metrics.running.dec()
+                metrics.prompt_tokens.inc(job.usage["prompt_tokens"])
+                metrics.latency.observe(time.perf_counter() - job.started)
+
+        job.done = account  # type: ignore[method-assign]
+        return job
 
     def failed(job: Job) -> ApiError | None:
         if any(c.finish == "error" for c in job.choices):
             return ApiError(500, "generation failed on the server; its log says why.", "server_error")
         return None
+
+    def streamed(job: Job, request: Request, chunk: Callable[[Choice, str], Any], head: list[Any],
+                 tail: Callable[[], list[Any]]) -> StreamingResponse:
+        """Both routes' streams: `chunk` frames each piece of text; a failed choice sends OpenAI's error."""
+
+        def framed(c: Choice, text: str) -> Any:
+            if c.finish == "error":
+                return {"error": failed(job).body()["error"]}  # type: ignore[union-attr]
+            return chunk(c, text)
+
+        return StreamingResponse(stream_events(job, request.is_disconnected, framed, head, tail),
+                                 media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+    async def finished(job: Job, request: Request) -> None:
+        """Both routes without streaming: the job run to its end, counted, and a 500 if it failed."""
+        try:
+            await finish_job(job, request.is_disconnected)
+        finally:
+            job.done()
+        if (e := failed(job)) is not None:
+            raise e
 
     @app.post("/v1/completions", summary="OpenAI-compatible text completion (streaming with stream: true)")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -928,28 +950,19 @@ def create_app(cfg: ServeConfig, api_key: str = "", on_load_error: Callable[[str
         ask = server.ask(body.prompt, body.n, body.max_tokens, sampling_of(body), body.seed, body.tags, body.stop,
                          body.truncate, body.ignore_eos)
         job = await start(ask)
-        job.done = lambda: account(job)  # type: ignore[method-assign]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": server.name}
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
 
             def chunk(c: Choice, text: str) -> dict[str, Any]:
-                if c.finish == "error":
-                    return {"error": failed(job).body()["error"]}  # type: ignore[union-attr]
                 return head | {"choices": [{"text": text, "index": c.index, "logprobs": None,
                                             "finish_reason": c.finish}]} | ({"usage": None} if usage else {})
 
             echoes = [chunk(c, c.prompt_text) for c in job.choices] if body.echo else []
-            tail = (lambda: [head | {"choices": [], "usage": job.usage}]) if usage else (lambda: [])
-            return StreamingResponse(stream_events(job, request.is_disconnected, chunk, echoes, tail),
-                                     media_type="text/event-stream", headers={"cache-control": "no-cache"})
-        try:
-            await finish_job(job, request.is_disconnected)
-        finally:
-            account(job)
-        if (e := failed(job)) is not None:
-            raise e
+            return streamed(job, request, chunk, echoes,
+                            lambda: [head | {"choices": [], "usage": job.usage}] if usage else [])
+        await finished(job, request)
         return head | {"choices": [{"text": (c.prompt_text if body.echo else "") + c.stream.completion,
                                     "index": c.index, "logprobs": None, "finish_reason": c.finish}
                                    for c in job.choices], "usage": job.usage}
@@ -961,7 +974,6 @@ def create_app(cfg: ServeConfig, api_key: str = "", on_load_error: Callable[[str
         ask = server.ask(body.prompt, body.num_samples, max_new, sampling_of(body), body.seed, body.tags, body.stop,
                          body.truncate, body.ignore_eos)
         job = await start(ask)
-        job.done = lambda: account(job)  # type: ignore[method-assign]
 
         def summary() -> dict[str, Any]:
             seconds = time.perf_counter() - job.started
@@ -970,20 +982,9 @@ def create_app(cfg: ServeConfig, api_key: str = "", on_load_error: Callable[[str
                     "seconds": round(seconds, 4), "tokens_per_s": round(done / max(seconds, 1e-9), 2)}
 
         if body.stream:
-            def chunk(c: Choice, text: str) -> dict[str, Any]:
-                if c.finish == "error":
-                    return {"error": failed(job).body()["error"]}  # type: ignore[union-attr]
-                return {"index": c.index, "text": text, "finish_reason": c.finish}
-
-            return StreamingResponse(stream_events(job, request.is_disconnected, chunk, [],
-                                                   lambda: [summary() | {"done": True}]),
-                                     media_type="text/event-stream", headers={"cache-control": "no-cache"})
-        try:
-            await finish_job(job, request.is_disconnected)
-        finally:
-            account(job)
-        if (e := failed(job)) is not None:
-            raise e
+            return streamed(job, request, lambda c, text: {"index": c.index, "text": text, "finish_reason": c.finish},
+                            [], lambda: [summary() | {"done": True}])
+        await finished(job, request)
         return summary() | {"samples": [{"index": c.index, "prompt": c.index // ask.n, "text": c.stream.completion,
                                          "tokens": c.tokens, "finish_reason": c.finish} for c in job.choices]}
 

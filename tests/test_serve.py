@@ -153,52 +153,11 @@ def reference(served: dict, prompt: str, max_new: int, tags: dict | None = None)
     return loaded.decode([t for t in generate(loaded.model, ids, max_new, GREEDY, eot=loaded.eot)[0]])
 
 
-def test_engine_joins_and_slides_give_every_sequence_its_lone_tokens(served: dict) -> None:
-    """Sequences of different lengths and sampling settings join the engine while others run (3 slots for 7
-    sequences), some run past the context (rows slide): each gets exactly the tokens plain generation gives
-    it alone with its seed (the same draws from the same generator, so sampled tokens must match too)."""
-    loaded = served["loaded"]
-    T = loaded.model.cfg.block_size
-    texts = [ENGLISH[:n] for n in (3, 40, 90, 10)] + [TATAR[:n] for n in (5, 60, 120)]
-    max_new = [70, 5, 12, 40, 3, 66, 20]
-    settings = [Sampling(1.0), GREEDY, Sampling(0.5, top_k=8), Sampling(1.0, top_p=0.8), Sampling(2.0),
-                Sampling(1.0, top_k=20, repetition_penalty=1.5), Sampling(0.0, repetition_penalty=2.0)]
-    engine = Engine(loaded, slots=3, max_queue=20)
-    got: dict[int, list[int]] = {i: [] for i in range(len(texts))}
-    ends: dict[int, str] = {}
-    done = threading.Event()
-
-    def emitter(i: int):
-        def emit(tok: int | None, reason: str | None) -> None:
-            if tok is not None:
-                got[i].append(tok)
-            else:
-                ends[i] = reason
-                if len(ends) == len(texts):
-                    done.set()
-        return emit
-
-    engine.start()
-    try:
-        for i, (text, n) in enumerate(zip(texts, max_new, strict=True)):
-            ids, _ = loaded.prompt(text)
-            engine.submit([Sequence(ids, n, settings[i], 100 + i, emitter(i))])
-            time.sleep(0.01 * (i % 3))  # some join a running batch, some arrive together
-        assert done.wait(60)
-    finally:
-        engine.close()
-    assert sum(len(loaded.prompt(t)[0]) + len(got[i]) > T for i, t in enumerate(texts)) >= 2  # rows slid
-    for i, text in enumerate(texts):
-        ids, _ = loaded.prompt(text)
-        want = generate(loaded.model, ids, max_new[i], settings[i], eot=loaded.eot, seed=100 + i)[0]
-        assert got[i][: len(want)] == want, i
-        assert ends[i] == ("stop" if got[i][-1] == loaded.eot else "length"), i  # <|endoftext|> ends it, even last
-    assert sum(len(set(g)) for g in got.values()) > 40  # varied text: a context mix-up would show
-
-
-def run_engine(loaded, seqs: list[tuple[list[int], int, Sampling]], slots: int) -> tuple[list, dict, list]:
-    """Submit (ids, max_new, sampling) sequences at once; returns their tokens, finish reasons, and the
-    order in which their first tokens came."""
+def run_engine(loaded, seqs: list[tuple[list[int], int, Sampling]], slots: int, seed: int | None = None,
+               stagger: bool = False) -> tuple[list, dict, list]:
+    """Submit (ids, max_new, sampling) sequences (sequence i seeded with seed + i when `seed` is given); all at
+    once before the engine starts, or (`stagger`) one by one while it runs, so that some join a running
+    batch. Returns their tokens, finish reasons, and the order in which their first tokens came."""
     got: list[list[int]] = [[] for _ in seqs]
     ends: dict[int, str] = {}
     order: list[int] = []
@@ -217,13 +176,38 @@ def run_engine(loaded, seqs: list[tuple[list[int], int, Sampling]], slots: int) 
         return emit
 
     engine = Engine(loaded, slots=slots, max_queue=len(seqs))
-    engine.submit([Sequence(ids, n, s, None, emitter(i)) for i, (ids, n, s) in enumerate(seqs)])
+    made = [Sequence(ids, n, s, None if seed is None else seed + i, emitter(i)) for i, (ids, n, s) in enumerate(seqs)]
+    if not stagger:
+        engine.submit(made)
     engine.start()
     try:
+        for i, seq in enumerate(made if stagger else []):
+            engine.submit([seq])
+            time.sleep(0.01 * (i % 3))  # some join a running batch, some arrive together
         assert done.wait(60)
     finally:
         engine.close()
     return got, ends, order
+
+
+def test_engine_joins_and_slides_give_every_sequence_its_lone_tokens(served: dict) -> None:
+    """Sequences of different lengths and sampling settings join the engine while others run (3 slots for 7
+    sequences), some run past the context (rows slide): each gets exactly the tokens plain generation gives
+    it alone with its seed (the same draws from the same generator, so sampled tokens must match too)."""
+    loaded = served["loaded"]
+    T = loaded.model.cfg.block_size
+    texts = [ENGLISH[:n] for n in (3, 40, 90, 10)] + [TATAR[:n] for n in (5, 60, 120)]
+    max_new = [70, 5, 12, 40, 3, 66, 20]
+    settings = [Sampling(1.0), GREEDY, Sampling(0.5, top_k=8), Sampling(1.0, top_p=0.8), Sampling(2.0),
+                Sampling(1.0, top_k=20, repetition_penalty=1.5), Sampling(0.0, repetition_penalty=2.0)]
+    seqs = [(loaded.prompt(t)[0], n, s) for t, n, s in zip(texts, max_new, settings, strict=True)]
+    got, ends, _ = run_engine(loaded, seqs, slots=3, seed=100, stagger=True)
+    assert sum(len(ids) + len(g) > T for (ids, _, _), g in zip(seqs, got, strict=True)) >= 2  # rows slid
+    for i, (ids, n, s) in enumerate(seqs):
+        want = generate(loaded.model, ids, n, s, eot=loaded.eot, seed=100 + i)[0]
+        assert got[i][: len(want)] == want, i
+        assert ends[i] == ("stop" if got[i][-1] == loaded.eot else "length"), i  # <|endoftext|> ends it, even last
+    assert sum(len(set(g)) for g in got) > 40  # varied text: a context mix-up would show
 
 
 def test_engine_serves_first_come_first_and_an_eot_at_the_limit_is_a_stop(served: dict) -> None:
