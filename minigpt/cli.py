@@ -83,7 +83,9 @@ def cli_command(
                     info = typer.Argument(default, help=help_text, show_default=False)
                 else:
                     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-                    info = typer.Option(default, flag, *f.metadata.get("aliases", ()), help=help_text)
+                    # a switch that is on by default (--compile) needs its off form too
+                    names = [f"{flag}/--no-{flag[2:]}"] if annotation is bool else [flag]
+                    info = typer.Option(default, *names, *f.metadata.get("aliases", ()), help=help_text)
                 params[f.name] = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
         @functools.wraps(fn, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=())

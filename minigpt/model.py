@@ -241,15 +241,18 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters()) + buffers
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6 x the weights used in matmuls + attention scores (PaLM, appendix B).
+        return flops_per_token(self.cfg)
 
-        From the shape alone: the blocks' Linear layers and the output head (a matmul whether tied or
-        not, counted once); the embedding lookup is free.
-        """
-        c = self.cfg
-        per_block = 4 * c.n_embd * c.n_embd + (3 if c.mlp == "swiglu" else 2) * c.n_embd * c.mlp_hidden
-        matmul = c.n_layer * per_block + c.vocab_size * c.n_embd
-        return 6 * matmul + 12 * c.n_layer * c.n_embd * c.block_size
+
+def flops_per_token(c: ModelConfig) -> float:
+    """Training FLOPs per token: 6 x the weights used in matmuls + attention scores (PaLM, appendix B).
+
+    From the shape alone: the blocks' Linear layers and the output head (a matmul whether tied or
+    not, counted once); the embedding lookup is free.
+    """
+    per_block = 4 * c.n_embd * c.n_embd + (3 if c.mlp == "swiglu" else 2) * c.n_embd * c.mlp_hidden
+    matmul = c.n_layer * per_block + c.vocab_size * c.n_embd
+    return 6 * matmul + 12 * c.n_layer * c.n_embd * c.block_size
 
 
 def set_inference_dtype(model: GPT, dtype: torch.dtype | None) -> str:

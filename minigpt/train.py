@@ -10,10 +10,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import getpass
+import hashlib
 import inspect
 import json
 import math
+import os
+import re
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +36,7 @@ from .config import ModelConfig, Sampling, TrainConfig, model_config
 from .data import BatchSampler, TokenData, eval_windows, load_tokenizer
 from .evaluate import Score, evaluate
 from .generate import generate
-from .model import GPT
+from .model import GPT, flops_per_token
 from .utils import (
     Dist,
     UserError,
@@ -50,8 +56,9 @@ from .utils import (
 
 
 def lr_at(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
-    """Linear warmup (step 0 already learns, at lr / warmup_steps), then cosine decay to
-    min_lr_ratio * lr at max_steps.
+    """Linear warmup (step 0 already learns, at lr / warmup_steps), then to min_lr_ratio * lr at max_steps:
+    `wsd` holds the peak and decays linearly over the last --cooldown share of the run; `cosine` decays
+    all the way.
 
     With a time budget, progress is whichever is further along, steps or time (`time_used` is the
     share of --max-minutes spent), so the decay completes when time runs out first.
@@ -60,7 +67,96 @@ def lr_at(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     progress = max(progress, min(1.0, time_used))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if cfg.schedule == "wsd":
+        share = 1.0 - max(0.0, progress - (1 - cfg.cooldown)) / cfg.cooldown  # 1 while stable, 0 at the end
+    else:
+        share = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * share)
+
+
+# torch.compile on CPU (inductor writes C++). Measured on 2 cores at 4 layers x 128 wide, context 64, batch 12:
+# a step of 57 ms instead of 75 (1.31x), after a first compilation of 41 s, or of ~4 s once inductor's cache
+# holds that shape: it repays itself after about 3 minutes of eager training, or 20 seconds. Where the output
+# head is most of the work (the pipeline's tiny model over 8,192 tokens: 332 vs 337 ms) nothing is gained.
+CPU_COMPILE_MINUTES = 3.0  # a shorter run trains eagerly on CPU...
+CPU_COMPILE_MINUTES_CACHED = 0.5  # ...unless this shape was compiled here before
+CPU_COMPILE_HEAD_SHARE = 1 / 3  # above this share of the step's FLOPs in the output head, eager
+CPU_EAGER_FLOPS = 50e9  # eager training FLOP/s of 2 cores (measured: 48-55e9), to size a run without a time budget
+
+
+def compile_plan(cfg: TrainConfig, model: GPT, device: torch.device, steps_left: int, tokens_per_step: int,
+                 minutes_used: float = 0.0, cached: bool = False) -> str:
+    """How the training step runs: '' (eagerly) or 'compiled (...)', saying why. `cached`: this shape was
+    compiled on this machine before (see `compile_marker`)."""
+    if not cfg.compile or device.type not in ("cuda", "cpu"):
+        return ""
+    if device.type == "cuda":
+        return f"compiled ({cfg.compile_mode})"
+    flops = model.flops_per_token()
+    head = 6 * model.cfg.vocab_size * model.cfg.n_embd / flops
+    minutes = steps_left * tokens_per_step * flops / CPU_EAGER_FLOPS / 60
+    if cfg.max_minutes:  # whichever budget ends the run first
+        minutes = min(minutes, cfg.max_minutes - minutes_used)
+    pays_after = CPU_COMPILE_MINUTES_CACHED if cached else CPU_COMPILE_MINUTES
+    if head > CPU_COMPILE_HEAD_SHARE or minutes < pays_after or not cpp_compiler():
+        return ""
+    return f"compiled ({cfg.compile_mode}{', cached' if cached else ''}: about {human_time(minutes * 60)} to train)"
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would use on CPU, if there is one."""
+    return os.environ.get("CXX") or next((name for name in ("g++", "clang++", "c++") if shutil.which(name)), None)
+
+
+def compile_marker(model: GPT, rows: int, dtype: torch.dtype, mode: str) -> Path:
+    """A file in inductor's cache folder that says this step (shape, dtype, mode, torch version) compiled
+    here: it goes when the cache goes (a reboot clears /tmp). The folder is found as inductor finds it
+    ($TORCHINDUCTOR_CACHE_DIR, else torchinductor_<user> in the temp folder), without importing inductor
+    (seconds)."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not folder:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+        folder = os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+    key = json.dumps([torch.__version__, dataclasses.asdict(model.cfg), rows, str(dtype), mode], sort_keys=True)
+    return Path(folder) / "minigpt" / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+# An evaluation during training scores 1/8 as many tokens as the steps between evaluations train on: as a
+# forward pass costs about a third of a training step, evaluating takes ~4% of the run (it was 11% at the
+# #14 shape, and 42 s of the pipeline's 6.5 minutes). The subset is spread over the split, an unbiased
+# sample of it, so its figures compare with the whole split's.
+EVAL_PROBE_SHARE = 8
+EVAL_PROBE_MIN = 16_384  # tokens: fewer would make the best-checkpoint choice noisy
+
+
+# The peak rate --lr 0 picks. Measured at equal time (2.5 minutes, 4 layers x 128 wide, context 64, batch 12):
+# 2e-3 beat 1e-3 on both held-out sets, tinyshakespeare by 0.011 nats/char and Tatar by 0.032 bits/byte.
+# Wider models want less (the gpu recipe's medium, 512 wide, trains at 1e-3); AdamW's rate shrinking as
+# 1/sqrt(width) joins the two measured points.
+AUTO_LR, AUTO_LR_WIDTH = 2e-3, 128
+
+
+def auto_lr(mcfg: ModelConfig) -> float:
+    return AUTO_LR * min(1.0, math.sqrt(AUTO_LR_WIDTH / mcfg.n_embd))
+
+
+def planned_steps(cfg: TrainConfig, mcfg: ModelConfig, rows: int, device: torch.device, train_tokens: int,
+                  world: int = 1) -> int:
+    """The steps this run will likely take: --max-steps, or fewer where --max-epochs or --max-minutes ends it
+    first, the latter estimated from the model's FLOPs at a typical rate (CPU_EAGER_FLOPS on CPU, 40% of a
+    known GPU's peak)."""
+    steps = cfg.max_steps
+    if cfg.max_epochs:
+        steps = min(steps, max(1, math.ceil(cfg.max_epochs * train_tokens / (rows * mcfg.block_size))))
+    # `rows` counts every process's: on GPUs each brings its own FLOPs (CPU processes share the cores)
+    rate = CPU_EAGER_FLOPS if device.type == "cpu" else 0.4 * (peak_flops(device) or 0) * world
+    if not (cfg.max_minutes and rate):
+        return steps
+    step_seconds = rows * mcfg.block_size * flops_per_token(mcfg) / rate
+    return min(steps, int(cfg.max_minutes * 60 / step_seconds))
 
 
 # Measured on Tatar cut to 400 KB (vocab 2048, the cpu recipe for 4 minutes, ~20 epochs): without dropout
@@ -317,6 +413,23 @@ class Trainer:
 
         state, model = self._restore_model() if cfg.resume else ({}, self._new_model(overrides))
         self.mcfg: ModelConfig = model.cfg
+        if not cfg.lr:  # sized to the width, and saved so: a resumed run sizes it the same way
+            self.cfg = cfg = dataclasses.replace(cfg, lr=auto_lr(model.cfg))
+        if cfg.resume and d.main:  # options come from the command line: say when the schedule changes
+            before = {"lr": self.saved_train.get("lr"), "schedule": self.saved_train.get("schedule", "cosine")}
+            changed = {k: v for k, v in before.items() if v is not None and v != getattr(cfg, k)}
+            if changed:
+                console.print("[yellow]this run trained with " + ", ".join(f"--{k} {v}" for k, v in changed.items())
+                              + "; it resumes with " + ", ".join(f"--{k} {getattr(cfg, k)}" for k in changed)
+                              + " (pass the former to continue as it was)[/]", highlight=False)
+        if cfg.max_epochs:  # the step budget in epochs: the schedule then ends where the epochs do
+            rows, _ = accumulation(cfg, model.cfg.block_size, d.world)
+            steps = max(1, math.ceil(cfg.max_epochs * data.train.tokens / (rows * model.cfg.block_size)))
+            if steps < cfg.max_steps:
+                self.cfg = cfg = dataclasses.replace(cfg, max_steps=steps)
+                if d.main:
+                    console.print(f"max steps {steps:,}: {cfg.max_epochs:g} epochs of {data.train.tokens:,} train "
+                                  "tokens (--max-epochs)", highlight=False)
         data.check_context(self.mcfg.block_size)
         model.grad_checkpoint = cfg.grad_checkpoint
         self.raw_model = model.to(device)  # saved and sampled from: never the compiled or DDP wrapper
@@ -326,8 +439,23 @@ class Trainer:
         self.tokens_per_step = self.rows_per_step * self.mcfg.block_size
         self.micro_bs = cfg.batch_size
         self.sampler = BatchSampler(data.train, self.mcfg.block_size, cfg.seed)
+        # the evaluation at the end scores --eval-tokens (the whole split when it is smaller); those during
+        # training a fixed, spread subset sized to the training between them, so that they cost a few percent
         self.windows = eval_windows(data.val, self.mcfg.block_size, cfg.eval_tokens)
+        probe = max(EVAL_PROBE_MIN, cfg.eval_every * self.tokens_per_step // EVAL_PROBE_SHARE)
+        self.probe = self.windows
+        if probe < cfg.eval_tokens:  # else the same windows
+            self.probe = eval_windows(data.val, self.mcfg.block_size, probe)
+            if len(self.probe) == len(self.windows):  # a split smaller than either: all of it, both times
+                self.probe = self.windows
         self._restore_state(state)
+        self.marker = compile_marker(model, self.micro_bs, self.dtype, cfg.compile_mode)
+        self.compiled = compile_plan(cfg, model, device, cfg.max_steps - state.get("step", 0), self.tokens_per_step,
+                                     state.get("train_seconds", 0.0) / 60, self.marker.exists())
+        if device.type == "cpu" and "compiled" in state and cfg.compile and cpp_compiler():
+            # a resumed CPU run steps as it did before (compiled or eager), so that it logs the same losses
+            self.compiled = f"compiled ({cfg.compile_mode}: as before the resume)" if state["compiled"] else ""
+        self.compile_unproven = bool(self.compiled) and device.type == "cpu"  # falls back to eager if it fails
         self.eval_model, self.model = self._wrap(model)
 
         # where the run stands: restored when resuming
@@ -363,11 +491,13 @@ class Trainer:
         mcfg = model_config(self.cfg.preset, self.data.vocab_size, overrides)
         if overrides.get("dropout") is None and not mcfg.dropout:
             rows, _ = accumulation(self.cfg, mcfg.block_size, self.d.world)
-            epochs = self.cfg.max_steps * rows * mcfg.block_size / max(self.data.train.tokens, 1)
+            steps = planned_steps(self.cfg, mcfg, rows, self.device, self.data.train.tokens, self.d.world)
+            epochs = steps * rows * mcfg.block_size / max(self.data.train.tokens, 1)
             if epochs > SMALL_DATA_EPOCHS:  # a small corpus, read many times over: regularise
                 mcfg = dataclasses.replace(mcfg, dropout=SMALL_DATA_DROPOUT)
                 if self.d.main:
-                    console.print(f"dropout {SMALL_DATA_DROPOUT}: {self.cfg.max_steps:,} steps would read the "
+                    about = "" if steps == self.cfg.max_steps else "about "
+                    console.print(f"dropout {SMALL_DATA_DROPOUT}: {about}{steps:,} steps would read the "
                                   f"{self.data.train.tokens:,} train tokens {epochs:.0f} times (--dropout 0 to "
                                   "train without it)", highlight=False)
         return GPT(mcfg)
@@ -376,6 +506,7 @@ class Trainer:
         self.resume_folder = folder = find_checkpoint(self.run_dir, "last")
         state = read_trainer_state(folder)
         model, saved = load_model(folder, "cpu")
+        self.saved_train = saved.get("train", {})
         if saved["data"]["tokenizer_sha256"] != self.data.meta["tokenizer_sha256"]:
             raise UserError(f"run {self.run_dir} was trained on other token data; pass the same --data to resume.")
         return state, model
@@ -397,18 +528,21 @@ class Trainer:
             torch.cuda.set_rng_state(torch.tensor(cuda_rng, dtype=torch.uint8), self.device)
 
     def _wrap(self, model: GPT) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(the model evaluation runs, the model training runs): compiled on CUDA, and under DDP for training.
-        The rotary tables are derived buffers, identical everywhere: DDP need not broadcast them."""
+        """(the model evaluation runs, the model training runs): compiled as `compile_plan` says, and under
+        DDP for training. On CPU evaluation stays eager: its other batch shapes and eval mode would each
+        cost another compilation of ~20 s. The rotary tables are derived buffers, identical everywhere:
+        DDP need not broadcast them."""
         compiled: torch.nn.Module = model
-        if self.cfg.compile and self.device.type == "cuda":
+        if self.compiled:
             compiled = torch.compile(model, mode=self.cfg.compile_mode)
+        evaluated = compiled if self.device.type == "cuda" else model
         if self.d.world == 1:
-            return compiled, compiled
+            return evaluated, compiled
         ids = [self.device.index] if self.device.type == "cuda" else None
         # the option's name changed in torch 2.13 (`broadcast_buffers` before)
         renamed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
         no_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
-        return compiled, DDP(compiled, device_ids=ids, **no_sync)
+        return evaluated, DDP(compiled, device_ids=ids, **no_sync)
 
     # checkpoints and records
 
@@ -423,6 +557,7 @@ class Trainer:
             "cuda_rng": [r.tolist() for r in cuda_rng], "scaler": self.scaler.state_dict() or None,
             "best_val_loss": self.best, "best_val_bpb": self.best_bpb, "bad_evals": self.bad_evals,
             "train_seconds": elapsed, "tokens_seen": self.step * self.tokens_per_step,
+            "compiled": bool(self.compiled),
         }
 
     def save(self, tag: str, elapsed: float, extra: dict[str, Any] | None = None) -> bool:
@@ -493,11 +628,36 @@ class Trainer:
         """Gradients of `batch`: a CUDA out-of-memory error halves the micro-batch and retries the same rows."""
         while True:
             try:
-                return forward_backward(self.model, batch, self.micro_bs, self.device, self.dtype, self.scaler,
+                loss = forward_backward(self.model, batch, self.micro_bs, self.device, self.dtype, self.scaler,
                                         self.d.world)
+                if self.compile_unproven:  # compiled and ran: the next run of this shape finds it cached
+                    self.compile_unproven = False
+                    self._mark_compiled()
+                return loss
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad()
                 self._halve_micro_batch(batch.size(0))
+            except Exception as e:  # a CPU compilation that fails (a broken C++ toolchain...): train eagerly
+                if not self.compile_unproven:
+                    raise
+                self._compile_failed(e)
+
+    def _mark_compiled(self) -> None:
+        if self.d.main:
+            with contextlib.suppress(OSError):  # a note for later runs, never a reason to stop this one
+                self.marker.parent.mkdir(parents=True, exist_ok=True)
+                self.marker.touch()
+
+    def _compile_failed(self, e: Exception) -> None:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if self.d.world > 1:
+            raise UserError(f"the first compiled step failed on {self.device} ({first}); rerun with --no-compile.") from None
+        if self.d.main:
+            console.print(f"[yellow]the first compiled step failed on {self.device} ({first}); training on without "
+                          "torch.compile (--no-compile skips the attempt)[/]")
+        self.optimizer.zero_grad()
+        self.compiled, self.compile_unproven = "", False
+        self.eval_model = self.model = self.raw_model
 
     def _halve_micro_batch(self, rows: int) -> None:
         if self.micro_bs == 1 or self.d.world > 1:
@@ -528,7 +688,7 @@ class Trainer:
             console.print(
                 f"step {self.step:>{len(str(cfg.max_steps))}}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                 f"norm {norm.item():.2f} | {dt * 1000:.0f}ms | {human_count(tok_s)} tok/s | "
-                f"mfu {f'{mfu:.1%}' if mfu else '-'} | eta {human_time((cfg.max_steps - self.step) * dt)}"
+                f"mfu {f'{mfu:.1%}' if mfu else '-'} | eta {human_time(self._seconds_left(dt))}"
             )
         self.log({"step": self.step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm.item(), 4),
                   "ms": round(dt * 1000, 2), "tok_s": round(tok_s), "mfu": mfu})
@@ -544,9 +704,16 @@ class Trainer:
             return f"{streak} updates in a row had a non-finite loss or gradient"
         return None
 
+    def _seconds_left(self, step_seconds: float) -> float:
+        """Until the last step, or the end of --max-minutes when that comes first."""
+        left = (self.cfg.max_steps - self.step) * step_seconds
+        return min(left, self.cfg.max_minutes * 60 - self._elapsed()) if self.cfg.max_minutes else left
+
     def validate(self, elapsed: float) -> tuple[Score, bool]:
-        """Val loss and bits per byte; saves `best` when better. Returns (score, out of patience)."""
-        score = evaluate(self.eval_model, self.data.val.arrays, self.windows, self.data.token_bytes,
+        """Val loss and bits per byte on the fixed subset (every evaluation scores the same windows, so the
+        best checkpoint and the patience compare like with like); saves `best` when better. Returns (score,
+        out of patience)."""
+        score = evaluate(self.eval_model, self.data.val.arrays, self.probe, self.data.token_bytes,
                          self.cfg.batch_size, self.device, self.dtype, self.d)
         improved = score.loss < self.best
         if improved:
@@ -554,12 +721,25 @@ class Trainer:
         else:
             self.bad_evals += 1
         if self.d.main:
-            console.print(f"[bold]eval[/] step {self.step} | val loss {score.loss:.4f} | val bpb {score.bpb:.4f}"
-                          + (" *" if improved else ""))
-        self.log({"step": self.step, "val_loss": round(score.loss, 6), "val_bpb": round(score.bpb, 6)})
+            console.print(f"[bold]eval[/] step {self.step} | val loss {score.loss:.4f} | val bpb {score.bpb:.4f} | "
+                          f"{human_count(score.tokens)} tokens" + (" *" if improved else ""))
+        self.log({"step": self.step, "val_loss": round(score.loss, 6), "val_bpb": round(score.bpb, 6),
+                  "val_tokens": score.tokens})
         if improved:
             self.save("best", elapsed, {"val_loss": score.loss, "val_bpb": score.bpb})
         return score, bool(self.cfg.patience and self.bad_evals >= self.cfg.patience)
+
+    def score_whole(self) -> Score:
+        """At the end: the model on all --eval-tokens windows (the whole split when it is smaller), the
+        figure `minigpt eval` reproduces for the last checkpoint; recorded, never compared with the subset's."""
+        score = evaluate(self.eval_model, self.data.val.arrays, self.windows, self.data.token_bytes,
+                         self.cfg.batch_size, self.device, self.dtype, self.d)
+        if self.d.main:
+            console.print(f"[bold]eval[/] step {self.step} | whole val: loss {score.loss:.4f} | bpb {score.bpb:.4f} | "
+                          f"{human_count(score.tokens)} tokens")
+        self.log({"step": self.step, "whole_val_loss": round(score.loss, 6), "whole_val_bpb": round(score.bpb, 6),
+                  "whole_val_tokens": score.tokens})
+        return score
 
     def sample(self) -> None:
         eot = self.data.meta["eot_id"]
@@ -611,6 +791,8 @@ class Trainer:
             if out_of_patience and (stop is None or stop.reason == Stop().reason):
                 stop = Stop(f"no better val loss in {cfg.patience} evaluations")
                 wrap_up = True
+            if wrap_up and self.probe is not self.windows:
+                score = self.score_whole()
         if self.d.main and (self.step % (cfg.sample_every or cfg.eval_every) == 0 or wrap_up):
             self.sample()
         if self.step % (cfg.save_every or cfg.eval_every) == 0 or stop is not None:
@@ -709,7 +891,7 @@ class Trainer:
 
     def _print_header(self) -> None:
         cfg, mcfg, data, d = self.cfg, self.mcfg, self.data, self.d
-        compiled = f" compiled ({cfg.compile_mode})" if cfg.compile and self.device.type == "cuda" else ""
+        compiled = f" {self.compiled}" if self.compiled else ""
         console.print(f"[bold]train[/] {dataclasses.asdict(cfg)}")
         console.print(f"[bold]model[/] {dataclasses.asdict(mcfg)}")
         console.print(

@@ -24,7 +24,7 @@ def test_bench_json_shape(tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
     proc = run_script("minigpt", "bench", "--device", "cpu", "--preset", "tiny", "--n-layer", "1", "--n-head", "2",
                       "--n-embd", "32", "--block-size", "32", "--vocab-size", "300", "--steps", "2", "--batch-size", "4",
-                      "--prompt-tokens", "8", "--new-tokens", "8", "--data", str(tokens), "--json", str(out_json),
+                      "--prompt-tokens", "8", "--new-tokens", "8", "--data", str(tokens), "--json", str(out_json), "--no-compile",
                       "--profile", str(tmp_path / "profile"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])  # the last line is the JSON
@@ -33,7 +33,7 @@ def test_bench_json_shape(tmp_path: Path) -> None:
     assert result["model"]["n_layer"] == 1 and result["model"]["vocab_size"] == 300 and result["params"] > 0
     assert result["peak_flops"] > 0 and result["peak_source"] == "measured matmul"
     assert all(result["train"]["eager"][k] > 0 for k in TRAIN_FIELDS)
-    assert result["train"]["compiled"] is None  # CPU: compile is skipped, and says so with a null
+    assert result["train"]["compiled"] is None  # --no-compile: no compiled figures, and a null says so
     assert result["inference"]["graph"] is None and result["inference"]["compiled"] is None  # CUDA only
     for path in ("plain", "cache"):
         assert all(result["inference"][path][k] > 0 for k in INFERENCE_FIELDS), result["inference"][path]

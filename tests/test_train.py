@@ -7,9 +7,11 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -30,21 +32,35 @@ from conftest import (
 )
 from typer.testing import CliRunner
 
+from minigpt.bench import bench_train
 from minigpt.checkpoint import find_checkpoint, load_model, save_checkpoint
 from minigpt.cli import app, script_app
 from minigpt.config import (
     OPTIMIZERS,
     RECIPES,
+    BenchConfig,
     ModelConfig,
     TokenizerConfig,
     TrainConfig,
     model_config,
     with_recipe,
 )
-from minigpt.data import BatchSampler, Shards, TokenData
+from minigpt.data import BatchSampler, Shards, TokenData, eval_windows
 from minigpt.model import GPT
 from minigpt.tokenizer import build
-from minigpt.train import Muon, Optimizers, Trainer, forward_backward, lr_at, orthogonalise, train
+from minigpt.train import (
+    Muon,
+    Optimizers,
+    Trainer,
+    auto_lr,
+    compile_plan,
+    cpp_compiler,
+    forward_backward,
+    lr_at,
+    orthogonalise,
+    planned_steps,
+    train,
+)
 from minigpt.utils import Dist, UserError
 
 
@@ -65,7 +81,8 @@ def test_loss_falls_and_run_folder_is_complete(tokens: Path, tmp_path: Path) -> 
 
 
 def test_early_stopping_on_val_patience(tokens: Path, tmp_path: Path) -> None:
-    summary = train(train_cfg(tokens, tmp_path, lr=0.0, warmup_steps=1, eval_every=3, patience=2), MODEL)
+    # a rate so small that no weight moves (0 would pick one by width)
+    summary = train(train_cfg(tokens, tmp_path, lr=1e-30, warmup_steps=1, eval_every=3, patience=2), MODEL)
     assert summary["steps"] == 9 and "no better val loss in 2 evaluations" in summary["stop_reason"]
 
 
@@ -189,6 +206,162 @@ def test_fp16_overflow_in_one_optimizers_weights_skips_both(tokens: Path, tmp_pa
                                                                       strict=True))
     trainer.train_step(1e-3)  # and the next good step moves them again
     assert any(not torch.equal(p.detach(), blocks[n]) for n, p in trainer.raw_model.named_parameters() if n in blocks)
+
+
+def test_a_time_budget_counts_in_the_small_data_rule(tokens: Path, tmp_path: Path) -> None:
+    """--max-steps far beyond what --max-minutes allows: the epochs are those the budget gives."""
+    cpu = torch.device("cpu")
+    many = 50 * TokenData(tokens).train.tokens // (8 * 32)
+    budget = train_cfg(tokens, tmp_path, max_steps=many, max_minutes=0.001)
+    train_tokens = TokenData(tokens).train.tokens
+    planned = planned_steps(budget, model_config("tiny", 300, MODEL), 8, cpu, train_tokens)
+    assert 0 < planned < 3 * TokenData(tokens).train.tokens // (8 * 32)
+    assert Trainer(budget, MODEL, Dist(), cpu).mcfg.dropout == 0
+    assert planned_steps(replace(budget, max_minutes=0), model_config("tiny", 300, MODEL), 8, cpu, train_tokens) == many
+    # no rate known for MPS: the step budget
+    assert planned_steps(budget, model_config("tiny", 300, MODEL), 8, torch.device("mps"), train_tokens) == many
+    # an epoch budget: the steps that read the split that many times
+    epochs = replace(budget, max_minutes=0, max_epochs=2)
+    assert planned_steps(epochs, model_config("tiny", 300, MODEL), 8, cpu, train_tokens) == -(-2 * train_tokens // 256)
+
+
+def test_max_epochs_caps_the_steps_and_the_schedule_ends_there(tokens: Path, tmp_path: Path) -> None:
+    train_tokens = TokenData(tokens).train.tokens
+    steps = -(-train_tokens // (8 * 32))  # one epoch of 8 x 32-token rows, rounded up
+    summary = train(train_cfg(tokens, tmp_path, max_steps=10**6, max_epochs=1, eval_every=10**6), MODEL)
+    lrs = [r["lr"] for r in metrics(tmp_path / "run") if "lr" in r]
+    assert summary["steps"] == steps and summary["tokens_seen"] >= train_tokens > summary["tokens_seen"] - 256
+    assert lrs[-1] < 0.15 * 3e-3 < max(lrs)  # decayed to (nearly) the floor, 10% of the peak, by the last step
+
+
+def test_compile_plan_compiles_a_cpu_run_only_where_it_pays(monkeypatch) -> None:
+    """Measured on 2 cores at the #14 shape: 1.31x a step after a first compilation of ~40 s (repaid after
+    ~3 minutes) or ~4 s once inductor's cache holds the shape (30 s); nothing gained where the output head
+    is most of the work. Compiled: CUDA always; CPU runs that long, not head-bound."""
+    cpu = torch.device("cpu")
+    shape = GPT(ModelConfig(vocab_size=65, n_layer=4, n_head=4, n_embd=128, block_size=64))  # the #14 shape
+    head_bound = GPT(ModelConfig(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, block_size=128))  # the pipeline's
+    plan = partial(compile_plan, model=shape, device=cpu, steps_left=10**6, tokens_per_step=768)
+    assert plan(TrainConfig(max_minutes=3.5)) == "compiled (default: about 3m30s to train)"
+    assert plan(TrainConfig(max_minutes=2.5)) == ""  # a first compilation would not repay itself...
+    assert plan(TrainConfig(max_minutes=2.5), cached=True) == "compiled (default, cached: about 2m30s to train)"
+    assert plan(TrainConfig(max_minutes=0.4), cached=True) == ""  # ...a cached one does, after 30 s
+    assert plan(TrainConfig(max_minutes=3.5), minutes_used=1.0) == ""  # resumed with 2.5 minutes left
+    assert plan(TrainConfig(max_minutes=3.5, compile=False)) == ""
+    assert plan(TrainConfig(max_minutes=10), steps_left=300) == ""  # 300 steps end it in ~26 s
+    assert plan(TrainConfig(), steps_left=300, cached=True) == "" and plan(TrainConfig(), steps_left=5000)
+    assert compile_plan(TrainConfig(max_minutes=6.5), head_bound, cpu, 10**6, 2048, cached=True) == ""
+    assert compile_plan(TrainConfig(), shape, torch.device("cuda"), 10, 768) == "compiled (default)"
+    assert compile_plan(TrainConfig(max_minutes=60), shape, torch.device("mps"), 10**6, 768) == ""
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler for inductor
+    assert plan(TrainConfig(max_minutes=3.5)) == ""
+
+
+def test_a_cpu_compilation_that_fails_trains_on_eagerly(tokens: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The first compiled step fails (as without a working C++ compiler): the run says so once, redoes that
+    step eagerly with the same batch, and logs the eager run's losses exactly."""
+    train(train_cfg(tokens, tmp_path / "eager", max_steps=6, compile=False), MODEL)
+
+    class NoCompiler(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr("minigpt.train.compile_plan", lambda *a, **k: "compiled (default: test)")
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: NoCompiler())
+    capsys.readouterr()
+    summary = train(train_cfg(tokens, tmp_path / "fell", max_steps=6), MODEL)
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count("the first compiled step failed on cpu (InvalidCxxCompiler: No working C++ compiler found); "
+                     "training on without torch.compile") == 1, out
+    assert summary["steps"] == 6 and losses(tmp_path / "fell" / "run") == losses(tmp_path / "eager" / "run")
+    assert not (tmp_path / "inductor" / "minigpt").exists()  # never noted as compiled
+
+
+@pytest.mark.skipif(not cpp_compiler(), reason="no C++ compiler: CPU runs never compile here")
+def test_a_resumed_cpu_run_steps_as_before_and_says_when_its_schedule_changed(tokens: Path, tmp_path: Path,
+                                                                            monkeypatch, capsys) -> None:
+    """Compiled or eager, a resumed CPU run keeps the way it stepped (however little is left); a run resumed
+    with another --lr or --schedule than it trained with (new defaults) says so."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("minigpt.train.compile_plan", lambda *a, **k: "compiled (default: test)")
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # compiled in name: this test needs no C++
+    train(train_cfg(tokens, tmp_path / "c", max_steps=4, schedule="cosine"), MODEL)
+    monkeypatch.undo()
+    resumed = Trainer(train_cfg(tokens, tmp_path / "c", max_steps=6, resume=True, schedule="cosine"), MODEL, Dist(), cpu)
+    assert resumed.compiled == "compiled (default: as before the resume)"
+    train(train_cfg(tokens, tmp_path / "e", max_steps=4), MODEL)
+    monkeypatch.setattr("minigpt.train.compile_plan", lambda *a, **k: "compiled (default: test)")
+    assert Trainer(train_cfg(tokens, tmp_path / "e", max_steps=6, resume=True), MODEL, Dist(), cpu).compiled == ""
+    capsys.readouterr()
+    Trainer(train_cfg(tokens, tmp_path / "c", max_steps=6, resume=True, lr=1e-3), MODEL, Dist(), cpu)
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("this run trained with --lr 0.003, --schedule cosine; it resumes with --lr 0.001, --schedule wsd "
+            "(pass the former to continue as it was)") in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpp_compiler(), reason="no C++ compiler for inductor")
+def test_the_compiled_cpu_step_trains_as_the_eager_one(tokens: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """torch.compile on CPU for real (inductor's C++): the same losses as eager, to float rounding."""
+    train(train_cfg(tokens, tmp_path / "eager", max_steps=8, compile=False), MODEL)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # cold, as on a fresh machine
+    plan = compile_plan
+    monkeypatch.setattr("minigpt.train.compile_plan", lambda *a, **k: "compiled (default: test)")
+    capsys.readouterr()
+    train(train_cfg(tokens, tmp_path / "compiled", max_steps=8), MODEL)
+    out = capsys.readouterr().out
+    assert "compiled (default: test)" in out and "compiled step failed" not in out
+    eager, compiled = losses(tmp_path / "eager" / "run"), losses(tmp_path / "compiled" / "run")
+    assert eager.keys() == compiled.keys() and all(abs(eager[s] - compiled[s]) < 1e-3 for s in eager), (eager, compiled)
+    # noted beside inductor's cache: a later run of this shape knows its compilation is cached
+    monkeypatch.setattr("minigpt.train.compile_plan", plan)
+    trainer = Trainer(train_cfg(tokens, tmp_path / "again", max_steps=10**6, max_minutes=1), MODEL | {"dropout": 0.0},
+                      Dist(), torch.device("cpu"))
+    assert len(list((tmp_path / "inductor" / "minigpt").iterdir())) == 1 and trainer.marker.exists()
+    assert trainer.compiled.startswith("compiled (default, cached")
+    # bench's compiled CPU step, on the same machinery
+    step = bench_train(GPT(model_config("tiny", 300, MODEL)), BenchConfig(batch_size=8, steps=2), torch.device("cpu"),
+                       torch.float32, True, 1e12)
+    assert step["ms_per_step"] > 0 and step["tokens_per_s"] > 0
+
+
+def test_evaluations_during_training_score_a_spread_subset_and_the_last_the_whole_split(
+        tokens: Path, tmp_path: Path, monkeypatch) -> None:
+    """Between steps, 1/8 of the tokens trained since the last evaluation (10 steps x 256 / 8 = 320: ten
+    windows); at the end every val token, the figure `minigpt eval` gives for the last checkpoint."""
+    monkeypatch.setattr("minigpt.train.EVAL_PROBE_MIN", 64)
+    summary = train(train_cfg(tokens, tmp_path, max_steps=25, eval_every=10, eval_tokens=10**6), MODEL)
+    evals = [r for r in metrics(tmp_path / "run") if "val_bpb" in r]
+    whole = sum(w.length - 1 - w.skip for w in eval_windows(TokenData(tokens).val, 32, 10**6))
+    # the same windows every time (the best checkpoint compares like with like), the last step's too
+    assert whole > 320 and [(r["step"], r["val_tokens"]) for r in evals] == [(10, 320), (20, 320), (25, 320)]
+    [final] = [r for r in metrics(tmp_path / "run") if "whole_val_bpb" in r]
+    assert final["step"] == 25 and final["whole_val_tokens"] == whole
+    assert summary["last_val_loss"] == pytest.approx(final["whole_val_loss"], abs=1e-6)
+    proc = run_cli("eval", "--run", str(tmp_path / "run"), "--checkpoint", "last", "--stride", "32", "--device",
+                   "cpu", str(tokens))
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["tokens"] == whole and r["bpb"] == pytest.approx(final["whole_val_bpb"], abs=1e-4)
+    # a stop for want of progress scores the whole split too
+    train(train_cfg(tokens, tmp_path / "patience", lr=1e-30, max_steps=100, eval_every=5, patience=2,
+                    eval_tokens=10**6), MODEL)
+    assert [r["step"] for r in metrics(tmp_path / "patience" / "run") if "whole_val_bpb" in r] == [15]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_freed_cpu_memory_is_kept_for_the_next_tensors() -> None:
+    """A 64 MB tensor made and freed 30 times: by default glibc maps it afresh each time and the process
+    faults every page in again; once `resolve_device` has picked the CPU, freed memory is reused."""
+    code = ("import resource, sys, torch\nfrom minigpt.utils import resolve_device\n"
+            "if sys.argv[1] == 'cpu': resolve_device('cpu')\n"
+            "for _ in range(30):\n    t = torch.empty(16 << 20).fill_(1); s = [torch.empty(100) for _ in range(3)]; del t\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    faults = {how: int(subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, env=env,
+                                      check=True).stdout) for how in ("cpu", "default")}
+    assert faults["cpu"] < faults["default"] / 3, faults
 
 
 @pytest.mark.parametrize("kind", OPTIMIZERS)
@@ -342,7 +515,7 @@ def test_cli_help_and_generate(tokens: Path, tmp_path: Path) -> None:
     proc = run_script("quick_test.py", "--run", run, "--max-new-tokens", "8", "--temperature", "0.8")
     assert proc.returncode == 0 and "better than the unigram baseline" in proc.stdout, proc.stdout + proc.stderr
     assert "val_bpb" in proc.stdout and "perplexity" in proc.stdout
-    train(train_cfg(tokens, tmp_path, name="untrained", max_steps=1, lr=0.0), MODEL)
+    train(train_cfg(tokens, tmp_path, name="untrained", max_steps=1, lr=1e-30), MODEL)
     proc = run_face("quick_test.py", "--run", str(tmp_path / "untrained"), "--max-new-tokens", "4")
     assert proc.returncode == 1 and "no better than a unigram baseline" in proc.stdout, proc.stdout + proc.stderr
 
@@ -351,7 +524,7 @@ def test_cli_help_and_generate(tokens: Path, tmp_path: Path) -> None:
 
 
 def test_learning_rate_schedule_values() -> None:
-    cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, schedule="cosine")
     assert lr_at(0, cfg) == pytest.approx(1e-4)  # step 0 already learns
     assert lr_at(4, cfg) == pytest.approx(5e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
     assert lr_at(10, cfg) == pytest.approx(1e-3)  # the peak, then cosine decay
@@ -360,6 +533,25 @@ def test_learning_rate_schedule_values() -> None:
     assert lr_at(20, cfg, time_used=1.0) == pytest.approx(1e-4)  # the time budget spent: the floor
     assert lr_at(20, cfg, time_used=0.5) == pytest.approx(0.55e-3)
     assert lr_at(0, TrainConfig(warmup_steps=0, lr=2e-3)) == pytest.approx(2e-3)
+    # wsd (the default): the peak held until the last 30% of the run, then a straight line to the floor
+    wsd = replace(cfg, schedule="wsd")
+    assert lr_at(0, wsd) == pytest.approx(1e-4) and lr_at(10, wsd) == pytest.approx(1e-3)
+    assert lr_at(80, wsd) == pytest.approx(1e-3)  # progress 0.7: the cooldown starts
+    assert lr_at(95, wsd) == pytest.approx(0.55e-3)  # half-way down it
+    assert lr_at(110, wsd) == pytest.approx(1e-4) and lr_at(500, wsd) == pytest.approx(1e-4)
+    assert lr_at(20, wsd, time_used=0.85) == pytest.approx(0.55e-3)  # the time budget leads here
+    assert lr_at(95, replace(wsd, cooldown=1.0)) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.15))  # all decay
+
+
+def test_lr_zero_is_sized_to_the_width(tokens: Path, tmp_path: Path) -> None:
+    """--lr 0 (the default) gives the recipes' hand-set rates: 2e-3 at 128 wide (tiny), 1e-3 at 512
+    (medium), no more than 2e-3 below 128; the run records the rate it used."""
+    assert auto_lr(model_config("tiny", 8192, {})) == pytest.approx(RECIPES["cpu"]["lr"])
+    assert auto_lr(model_config("medium", 8192, {})) == pytest.approx(RECIPES["gpu"]["lr"])
+    assert auto_lr(model_config("tiny", 300, MODEL)) == pytest.approx(2e-3)  # 32 wide: capped
+    assert auto_lr(model_config("gpt2", 50257, {})) == pytest.approx(2e-3 * math.sqrt(128 / 768))
+    trainer = Trainer(train_cfg(tokens, tmp_path, lr=0.0), MODEL, Dist(), torch.device("cpu"))
+    assert trainer.cfg.lr == pytest.approx(2e-3) and trainer.config_json["train"]["lr"] == pytest.approx(2e-3)
 
 
 def test_the_optimizer_sees_clipped_gradients(tokens: Path, tmp_path: Path) -> None:
