@@ -326,8 +326,8 @@ def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
             except Exception as e:  # a broken toolchain: the other figures still stand
                 if device.type == "cuda":
                     raise
-                console.print(f"[yellow]the compiled step failed on cpu ({str(e).strip().splitlines()[0][:200]}); "
-                              "no compiled figures[/]")
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                console.print(f"[yellow]the compiled step failed on cpu ({first}); no compiled figures[/]")
         result["train"]["compiled"] = compiled
         # the same eager step with Muon for the blocks' matrices (--optimizer muon)
         result["train"]["muon"] = bench_train(model, cfg, device, dtype, False, peak, "muon") if trainable else None

@@ -49,8 +49,8 @@ def runs_dir_opt() -> Any:
 
 
 def eval_tokens_opt() -> Any:
-    return opt(262_144, help="Val tokens scored per evaluation, in windows spread over the whole split "
-                             "(the whole split if it is smaller).")
+    return opt(262_144, help="Val tokens scored, in windows spread over the whole split (the whole split if it "
+                             "is smaller); in training, at the end (during it, a fixed subset).")
 
 
 CHECKPOINTS = ("best", "last")

@@ -443,19 +443,22 @@ class Trainer:
         # the evaluation at the end scores --eval-tokens (the whole split when it is smaller); those during
         # training a fixed, spread subset sized to the training between them, so that they cost a few percent
         self.windows = eval_windows(data.val, self.mcfg.block_size, cfg.eval_tokens)
-        probe = max(EVAL_PROBE_MIN, cfg.eval_every * self.tokens_per_step // EVAL_PROBE_SHARE)
+        # a resumed run keeps its subset, so that its best so far compares with the new scores (a run saved
+        # before subsets existed compared all --eval-tokens windows)
+        self.probe_tokens = state.get("probe_tokens", cfg.eval_tokens) if state else min(
+            cfg.eval_tokens, max(EVAL_PROBE_MIN, cfg.eval_every * self.tokens_per_step // EVAL_PROBE_SHARE))
         self.probe = self.windows
-        if probe < cfg.eval_tokens:  # else the same windows
-            self.probe = eval_windows(data.val, self.mcfg.block_size, probe)
+        if self.probe_tokens != cfg.eval_tokens:
+            self.probe = eval_windows(data.val, self.mcfg.block_size, self.probe_tokens)
             if len(self.probe) == len(self.windows):  # a split smaller than either: all of it, both times
                 self.probe = self.windows
         self._restore_state(state)
         self.marker = compile_marker(model, self.micro_bs, self.dtype, cfg.compile_mode)
         self.compiled = compile_plan(cfg, model, device, cfg.max_steps - state.get("step", 0), self.tokens_per_step,
                                      state.get("train_seconds", 0.0) / 60, self.marker.exists())
-        if device.type == "cpu" and "compiled" in state and cfg.compile and cpp_compiler():
+        if device.type == "cpu" and state.get("cpu_compiled") is not None and cfg.compile and cpp_compiler():
             # a resumed CPU run steps as it did before (compiled or eager), so that it logs the same losses
-            self.compiled = f"compiled ({cfg.compile_mode}: as before the resume)" if state["compiled"] else ""
+            self.compiled = f"compiled ({cfg.compile_mode}: as before the resume)" if state["cpu_compiled"] else ""
         self.compile_unproven = bool(self.compiled) and device.type == "cpu"  # falls back to eager if it fails
         self.eval_model, self.model = self._wrap(model)
 
@@ -558,7 +561,8 @@ class Trainer:
             "cuda_rng": [r.tolist() for r in cuda_rng], "scaler": self.scaler.state_dict() or None,
             "best_val_loss": self.best, "best_val_bpb": self.best_bpb, "bad_evals": self.bad_evals,
             "train_seconds": elapsed, "tokens_seen": self.step * self.tokens_per_step,
-            "compiled": bool(self.compiled),
+            "cpu_compiled": bool(self.compiled) if device.type == "cpu" else None,
+            "probe_tokens": self.probe_tokens,
         }
 
     def save(self, tag: str, elapsed: float, extra: dict[str, Any] | None = None) -> bool:

@@ -344,6 +344,10 @@ def test_evaluations_during_training_score_a_spread_subset_and_the_last_the_whol
                    "cpu", str(tokens))
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["tokens"] == whole and r["bpb"] == pytest.approx(final["whole_val_bpb"], abs=1e-4)
+    # resumed with evaluations twice as often: the same subset, so that its best so far still compares
+    train(train_cfg(tokens, tmp_path, max_steps=35, eval_every=5, eval_tokens=10**6, resume=True), MODEL)
+    evals = [r for r in metrics(tmp_path / "run") if "val_bpb" in r]
+    assert [(r["step"], r["val_tokens"]) for r in evals][-2:] == [(30, 320), (35, 320)]
     # a stop for want of progress scores the whole split too
     train(train_cfg(tokens, tmp_path / "patience", lr=1e-30, max_steps=100, eval_every=5, patience=2,
                     eval_tokens=10**6), MODEL)
