@@ -231,7 +231,7 @@ class TrainConfig:
     schedule: str = opt("wsd", help="After warmup: wsd (the peak held, then a linear decay over the last --cooldown "
                                     "share of the run) or cosine (a decay all the way).")
     cooldown: float = opt(0.3, help="wsd: the share of the run (steps or --max-minutes) spent decaying.")
-    min_lr_ratio: float = opt(0.1, help="Final learning rate as a share of the peak.")
+    min_lr_ratio: float = opt(0.0, help="Final learning rate as a share of the peak (0: the decay ends at zero).")
     warmup_steps: int = opt(100, help="Linear warmup steps (step 0 already gets lr / warmup-steps).")
     weight_decay: float = opt(0.1, help="Weight decay, on matrices only (AdamW's and Muon's).")
     beta1: float = opt(0.9, help="AdamW beta1.")
