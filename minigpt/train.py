@@ -126,8 +126,8 @@ def compile_marker(model: GPT, rows: int, dtype: torch.dtype, mode: str) -> Path
 
 
 # An evaluation during training scores 1/8 as many tokens as the steps between evaluations train on: as a
-# forward pass costs about a third of a training step, evaluating takes ~4% of the run (it was 11% at the
-# #14 shape, and 42 s of the pipeline's 6.5 minutes). The subset is spread over the split, an unbiased
+# forward pass costs about a third of a training step, evaluating takes ~4% of the run (by the same estimate
+# it was 11% at the #14 shape, and about 40 s of the pipeline's 6.5 minutes). The subset is spread over the split, an unbiased
 # sample of it, so its figures compare with the whole split's.
 EVAL_PROBE_SHARE = 8
 EVAL_PROBE_MIN = 16_384  # tokens: fewer would make the best-checkpoint choice noisy
@@ -144,6 +144,11 @@ def auto_lr(mcfg: ModelConfig) -> float:
     return AUTO_LR * min(1.0, math.sqrt(AUTO_LR_WIDTH / mcfg.n_embd))
 
 
+def epoch_steps(epochs: float, train_tokens: int, tokens_per_step: int) -> int:
+    """The steps that read the train split `epochs` times (at least one)."""
+    return max(1, math.ceil(epochs * train_tokens / tokens_per_step))
+
+
 def planned_steps(cfg: TrainConfig, mcfg: ModelConfig, rows: int, device: torch.device, train_tokens: int,
                   world: int = 1) -> int:
     """The steps this run will likely take: --max-steps, or fewer where --max-epochs or --max-minutes ends it
@@ -151,7 +156,7 @@ def planned_steps(cfg: TrainConfig, mcfg: ModelConfig, rows: int, device: torch.
     known GPU's peak)."""
     steps = cfg.max_steps
     if cfg.max_epochs:
-        steps = min(steps, max(1, math.ceil(cfg.max_epochs * train_tokens / (rows * mcfg.block_size))))
+        steps = min(steps, epoch_steps(cfg.max_epochs, train_tokens, rows * mcfg.block_size))
     # `rows` counts every process's: on GPUs each brings its own FLOPs (CPU processes share the cores)
     rate = CPU_EAGER_FLOPS if device.type == "cpu" else 0.4 * (peak_flops(device) or 0) * world
     if not (cfg.max_minutes and rate):
@@ -425,7 +430,7 @@ class Trainer:
                               + " (pass the former to continue as it was)[/]", highlight=False)
         if cfg.max_epochs:  # the step budget in epochs: the schedule then ends where the epochs do
             rows, _ = accumulation(cfg, model.cfg.block_size, d.world)
-            steps = max(1, math.ceil(cfg.max_epochs * data.train.tokens / (rows * model.cfg.block_size)))
+            steps = epoch_steps(cfg.max_epochs, data.train.tokens, rows * model.cfg.block_size)
             if steps < cfg.max_steps:
                 self.cfg = cfg = dataclasses.replace(cfg, max_steps=steps)
                 if d.main:
@@ -718,8 +723,7 @@ class Trainer:
         """Val loss and bits per byte on the fixed subset (every evaluation scores the same windows, so the
         best checkpoint and the patience compare like with like); saves `best` when better. Returns (score,
         out of patience)."""
-        score = evaluate(self.eval_model, self.data.val.arrays, self.probe, self.data.token_bytes,
-                         self.cfg.batch_size, self.device, self.dtype, self.d)
+        score = self._score(self.probe)
         improved = score.loss < self.best
         if improved:
             self.best, self.best_bpb, self.bad_evals = score.loss, score.bpb, 0
@@ -734,11 +738,14 @@ class Trainer:
             self.save("best", elapsed, {"val_loss": score.loss, "val_bpb": score.bpb})
         return score, bool(self.cfg.patience and self.bad_evals >= self.cfg.patience)
 
+    def _score(self, windows: list[Any]) -> Score:
+        return evaluate(self.eval_model, self.data.val.arrays, windows, self.data.token_bytes, self.cfg.batch_size,
+                        self.device, self.dtype, self.d)
+
     def score_whole(self) -> Score:
         """At the end: the model on all --eval-tokens windows (the whole split when it is smaller), the
         figure `minigpt eval` reproduces for the last checkpoint; recorded, never compared with the subset's."""
-        score = evaluate(self.eval_model, self.data.val.arrays, self.windows, self.data.token_bytes,
-                         self.cfg.batch_size, self.device, self.dtype, self.d)
+        score = self._score(self.windows)
         if self.d.main:
             console.print(f"[bold]eval[/] step {self.step} | whole val: loss {score.loss:.4f} | bpb {score.bpb:.4f} | "
                           f"{human_count(score.tokens)} tokens")
