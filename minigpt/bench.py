@@ -34,7 +34,17 @@ from .data import BatchSampler, TokenData, load_tokenizer
 from .generate import DECODE_MODES, Decoder, default_mode, generate_reference
 from .model import GPT
 from .train import Optimizers, cpp_compiler
-from .utils import UserError, autocast, console, human_count, peak_flops, resolve_device, resolve_dtype, sync
+from .utils import (
+    UserError,
+    autocast,
+    console,
+    first_line,
+    human_count,
+    peak_flops,
+    resolve_device,
+    resolve_dtype,
+    sync,
+)
 
 BATCHES = (1, 8, 32)
 
@@ -326,7 +336,7 @@ def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
             except Exception as e:  # a broken toolchain: the other figures still stand
                 if device.type == "cuda":
                     raise
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                first = first_line(e)
                 console.print(f"[yellow]the compiled step failed on cpu ({first}); no compiled figures[/]")
         result["train"]["compiled"] = compiled
         # the same eager step with Muon for the blocks' matrices (--optimizer muon)

@@ -44,6 +44,7 @@ from .utils import (
     autocast,
     console,
     dtype_name,
+    first_line,
     human_count,
     human_time,
     init_distributed,
@@ -75,10 +76,10 @@ def lr_at(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
 
 
 # torch.compile on CPU (inductor writes C++). Measured on 2 cores at 4 layers x 128 wide, context 64, batch 12:
-# a step of 57 ms instead of 75 (1.31x), after a first compilation of 41 s, or of ~4 s once inductor's cache
-# holds that shape: it repays itself after about 3 minutes of eager training, or 20 seconds. Where the output
-# head is most of the work (the pipeline's tiny model over 8,192 tokens: 332 vs 337 ms in one pair of runs,
-# 272 vs 321 in another) the gain is small beside a first compilation.
+# a step of 58.5 ms instead of 73 (1.25x; 57 vs 75 in an earlier session), after a first compilation of 32-41 s,
+# or of ~4 s once inductor's cache holds that shape: it repays itself after about 3 minutes of eager training,
+# or 20 seconds. Where the output head is most of the work (the pipeline's tiny model over 8,192 tokens: 332
+# vs 337 ms in one pair of runs, 272 vs 321 in another) the gain is small beside a first compilation.
 CPU_COMPILE_MINUTES = 3.0  # a shorter run trains eagerly on CPU...
 CPU_COMPILE_MINUTES_CACHED = 0.5  # ...unless this shape was compiled here before
 CPU_COMPILE_HEAD_SHARE = 1 / 3  # above this share of the step's FLOPs in the output head, eager
@@ -659,7 +660,7 @@ class Trainer:
                 self.marker.touch()
 
     def _compile_failed(self, e: Exception) -> None:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         if self.d.world > 1:
             raise UserError(f"the first compiled step failed on {self.device} ({first}); rerun with --no-compile.") from None
         if self.d.main:

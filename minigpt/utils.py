@@ -250,6 +250,11 @@ def keep_freed_memory() -> bool:
     return _kept
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line (its type when it has no message), short enough for a one-line report."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
