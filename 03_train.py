@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 8 03_train.py --preset gpt2 --total-batch-tokens 524288
 """
 
+from collections.abc import Set
 from typing import Any
 
 import typer
@@ -17,9 +18,9 @@ from minigpt.utils import console
 
 
 @cli_command(TrainConfig, overrides=ModelConfig, skip=("vocab_size",))
-def main(cfg: TrainConfig, model_overrides: dict[str, Any]) -> None:
+def main(cfg: TrainConfig, model_overrides: dict[str, Any], given: Set[str]) -> None:
     """Train (or --resume) a GPT with AMP, gradient accumulation, evaluation in bits per byte and checkpoints."""
-    summary = train(cfg, model_overrides)
+    summary = train(cfg, model_overrides, given)
     if summary.get("main", True):
         console.print(summary_table(summary))
         console.print(f"next: python quick_test.py --run {summary['run']}   or   minigpt generate --run {summary['run']} --prompt '...'")

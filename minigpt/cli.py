@@ -55,8 +55,9 @@ def cli_command(
     With `overrides`, that class's fields also become options, defaulting to None (the preset
     decides), and `fn` gets a dict of them as its last argument. In a class with a `recipe` field, the
     options a recipe sets default to None, so that the recipe (or else the class default) fills in just
-    the ones the command line left out. A `UserError` raised inside (from a config check or the work
-    itself) becomes one line on stderr and exit code 2.
+    the ones the command line left out. An `fn` with a `given` parameter also gets the names of the
+    options the command line gave (a resumed run keeps its saved value of every other one). A `UserError`
+    raised inside (from a config check or the work itself) becomes one line on stderr and exit code 2.
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,8 +89,11 @@ def cli_command(
                     info = typer.Option(default, *names, *f.metadata.get("aliases", ()), help=help_text)
                 params[f.name] = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
+        wants_given = "given" in inspect.signature(fn).parameters
+
         @functools.wraps(fn, assigned=("__module__", "__name__", "__qualname__", "__doc__"), updated=())
         def command(**kwargs: Any) -> Any:
+            ctx = kwargs.pop("ctx", None)
             try:
                 cfgs = []
                 for cls in classes:
@@ -97,17 +101,27 @@ def cli_command(
                     cfgs.append(cls(**(with_recipe(values) if "recipe" in values else values)))
                 if overrides is not None:
                     cfgs.append({n: kwargs[n] for n in override_names if kwargs[n] is not None})
+                if ctx is not None:
+                    return fn(*cfgs, given=given_options(ctx, kwargs))
                 return fn(*cfgs)
             except UserError as e:
                 err_console.print(f"[bold red]error:[/] {escape(str(e))}")  # a message is text, not markup
                 raise typer.Exit(2) from None
 
+        if wants_given:  # Typer hands a command its context through a parameter of this type
+            params = {"ctx": inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)} | params
         command.__signature__ = inspect.Signature(list(params.values()))  # type: ignore[attr-defined]
         # Typer resolves annotations itself; give it real types, not strings from this module
         command.__annotations__ = {name: p.annotation for name, p in params.items()}
         return command
 
     return decorate
+
+
+def given_options(ctx: typer.Context, kwargs: dict[str, Any]) -> frozenset[str]:
+    """The options of the running command that the command line (or the environment) set."""
+    unset = ("DEFAULT", "DEFAULT_MAP")
+    return frozenset(name for name in kwargs if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in unset)
 
 
 def script_app(fn: Callable[..., Any]) -> typer.Typer:

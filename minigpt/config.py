@@ -86,6 +86,8 @@ class PrepareConfig:
     dedup: bool = opt(True, help="Drop exact duplicate documents.")
     text_column: str = opt("text", help="JSONL, CSV/TSV and Parquet: the field or column that holds the text "
                                         "(the other short ones become tags).")
+    quoted_tsv: bool = opt(False, help="TSV fields may be quoted with \" as in CSV (holding tabs or newlines); "
+                                       "plain TSV, the default, has no quoting: a \" is text.")
     tag_from_folder: str = opt("", help="Tag each file of a folder with its first-level subfolder's name under "
                                         "this field (e.g. author: books/Tukay/*.txt -> author=Tukay).")
     download_timeout: float = opt(30.0, help="Seconds without data before a download attempt is abandoned.")
@@ -299,11 +301,14 @@ def with_recipe(values: dict[str, Any]) -> dict[str, Any]:
 # generation
 
 
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy: the scaled logits would overflow float32 (1e-40: NaN)
+
+
 @dataclass
 class Sampling:
     """How the next token is drawn from the logits (for `minigpt generate`, samples and the server)."""
 
-    temperature: float = opt(0.8, help="Sampling temperature (0: greedy).")
+    temperature: float = opt(0.8, help=f"Sampling temperature (0, or anything below {GREEDY_BELOW:g}: greedy).")
     top_k: int = opt(0, help="Keep only the k most likely tokens (0: off).")
     top_p: float = opt(1.0, help="Keep the smallest set of tokens whose probability reaches p (1: off).")
     repetition_penalty: float = opt(1.0, help="Divide the logits of tokens already present by this (1: off).")
@@ -311,6 +316,10 @@ class Sampling:
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise UserError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --repetition-penalty > 0.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -421,6 +430,10 @@ class ServeConfig:
     max_tokens: int = opt(1024, help="The most tokens a request may ask for, per choice.")
     max_body: int = opt(1_000_000, help="The largest request body in bytes (413 above it).")
     api_key: str = opt("", help="Require 'Authorization: Bearer KEY' (default: $MINIGPT_API_KEY; unset: no key).")
+    allowed_hosts: list[str] = opt(factory=list, help="A Host name the server answers to besides those its address "
+                                   "implies (localhost, 127.0.0.1, [::1], --host; with 0.0.0.0 this machine's names "
+                                   "too); repeat for several; '*' for any. Other Host headers get 400: a web page "
+                                   "cannot drive the server through DNS rebinding.")
     model_name: str = opt("", help="The model name clients send (default: the run folder's name).")
     shutdown_timeout: float = opt(10.0, help="On SIGTERM or Ctrl-C, seconds running requests get to finish "
                                              "before they end with finish_reason 'abort'.")
@@ -478,7 +491,9 @@ class QuantizeConfig:
     run: str = run_opt()
     runs_dir: str = runs_dir_opt()
     to: str = opt("int8", help="int8 (weight-only, per output channel), bf16 or fp16.")
-    out: str = opt("", help="Output run folder (default: <run>-<to>).")
+    out: str = opt("", help="Output run folder (default: <run>-<to>); never the run itself or a folder holding "
+                            "anything but an earlier quantize output.")
+    force: bool = opt(False, help="Replace OUT when it holds an earlier quantize output.")
     checkpoint: str = checkpoint_opt()
     device: str = device_opt()
     eval_tokens: int = eval_tokens_opt()

@@ -40,6 +40,7 @@ from .utils import UserError, atomic_open, console, human_bytes, progress, sha25
 DOC_SEP = "\x1e"  # ASCII record separator, alone on a line, ends each document in train.txt / val.txt
 BLOCK = 4 << 20  # bytes read at a time from big files
 SNIFF = 64 << 10  # bytes looked at to tell text from binary
+READ_BUFFER = 1 << 20  # bytes asked of the OS at a time when a reader goes line by line
 
 # Control characters go (tab and newline stay), with the BOM and lone surrogates that JSON escapes
 # can smuggle in. Replacement characters (undecodable bytes) are counted per document, then removed.
@@ -151,6 +152,7 @@ class Source:
     explicit: bool = True  # named directly by the user: a bad file is an error, not a skipped file
     root: Path | None = None  # a folder's files: the folder, for --tag-from-folder
     text_column: str = "text"  # JSONL, CSV/TSV and Parquet: the field that holds the document
+    quoted_tsv: bool = False  # TSV: quoted fields as in CSV (plain TSV has no quoting)
 
 
 # Readers yield batches: a list of raw document texts and, for JSONL, a parallel list of tag dicts.
@@ -174,11 +176,14 @@ TAGGED_KINDS = ("jsonl", "table", "parquet")  # inputs whose records carry field
 
 
 def _open(path: Path, advance: Callable[[int], None]) -> IO[bytes]:
-    """Binary reader that reports compressed bytes consumed, decompressing .gz transparently."""
-    raw = _Counting(open(path, "rb"), advance)
+    """Buffered binary reader that reports the (compressed) bytes consumed, decompressing .gz transparently.
+    Buffered for every format: reading lines from the raw counter would ask the OS for one byte at a time."""
+    buffered = io.BufferedReader(_Counting(open(path, "rb"), advance), READ_BUFFER)
     if path.name.lower().endswith(".gz") and _kind_of(path.name) != "leipzig":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    return raw  # type: ignore[return-value]
+        unzipped = gzip.GzipFile(fileobj=buffered, mode="rb")
+        unzipped.myfileobj = buffered  # closed with it (GzipFile closes only a file it opened itself)
+        return unzipped  # type: ignore[return-value]
+    return buffered  # type: ignore[return-value]
 
 
 class _Counting(io.RawIOBase):
@@ -264,7 +269,7 @@ def resolve_inputs(cfg: PrepareConfig, raw_dir: Path) -> list[Source]:
             for kind, fs in by_kind.items():
                 unit = "file" if cfg.doc_unit == "auto" else cfg.doc_unit
                 sources.append(Source(f"{item} ({kind})", kind, fs, unit, explicit=False, root=path,
-                                      text_column=cfg.text_column))
+                                      text_column=cfg.text_column, quoted_tsv=cfg.quoted_tsv))
             continue
         kind = _kind_of(path.name)
         if kind not in ("leipzig", "parquet"):
@@ -280,7 +285,7 @@ def resolve_inputs(cfg: PrepareConfig, raw_dir: Path) -> list[Source]:
         unit = cfg.doc_unit
         if kind == "text" and unit == "auto":
             unit = _auto_unit(path)
-        sources.append(Source(item, kind, [path], unit, text_column=cfg.text_column))
+        sources.append(Source(item, kind, [path], unit, text_column=cfg.text_column, quoted_tsv=cfg.quoted_tsv))
     return sources
 
 
@@ -395,17 +400,19 @@ def _read_leipzig(src: Source, path: Path, advance: Callable[[int], None], stats
 
 def _read_table(src: Source, path: Path, advance: Callable[[int], None], stats: Stats) -> Iterator[Batch]:
     """CSV or TSV (by extension, .gz too) with a header row: the text column is the document, the other
-    short columns are its tags, as JSONL fields are."""
+    short columns are its tags, as JSONL fields are. TSV is plain (a row per line, no quoting: Common Voice,
+    Tatoeba) unless `--quoted-tsv`."""
     column = src.text_column
-    delimiter = "\t" if path.name.lower().removesuffix(".gz").endswith(".tsv") else ","
+    tsv = path.name.lower().removesuffix(".gz").endswith(".tsv")
+    plain = tsv and not src.quoted_tsv
     csv.field_size_limit(2**31 - 1)  # a document may be long
     with _open(path, advance) as raw:
         f = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")  # Excel writes a BOM
-        reader = csv.DictReader(f, delimiter=delimiter)
+        reader = csv.DictReader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if plain else csv.QUOTE_MINIMAL)
         try:
             header = reader.fieldnames or []
         except csv.Error as e:
-            raise UserError(f"{path} is not a readable {delimiter == ',' and 'CSV' or 'TSV'} file ({e}).") from None
+            raise UserError(f"{path} is not a readable {'TSV' if tsv else 'CSV'} file ({e}).") from None
         if column not in header:
             raise UserError(f"{path} has no {column!r} column (it has {', '.join(map(repr, header[:8])) or 'none'}); "
                             "name the text column with --text-column.")
@@ -634,10 +641,12 @@ def process(cfg: PrepareConfig, sources: list[Source], sinks: dict[str, IO[str]]
             bars.update(task, description=f"preparing {src.label}")
             single = src.kind == "leipzig" or src.unit == "line"
             per_src = stats.sources[src.label]
+            start = time.perf_counter()
             for path in src.files:
                 per_src["bytes_in"] += path.stat().st_size
                 for texts, tags in _read(src, path, advance, stats, cfg.tag_from_folder):
                     _process_batch(cfg, texts, tags, single, seen, sinks, fmt, stats, per_src)
+            per_src["seconds"] += time.perf_counter() - start  # each format's own speed, in stats.json
     return stats
 
 
@@ -696,7 +705,9 @@ def prepare(cfg: PrepareConfig) -> tuple[Path, dict[str, Any]]:
         "undecodable_bytes": stats.undecodable_bytes,
         "malformed_lines": stats.malformed_lines,
         "malformed_examples": stats.malformed_examples,
-        "sources": {k: dict(v) for k, v in stats.sources.items()},
+        "sources": {k: dict(v) | {"seconds": round(v["seconds"], 3),
+                                  "mb_per_s": round(v["bytes_in"] / 1e6 / max(v["seconds"], 1e-9), 2)}
+                    for k, v in stats.sources.items()},
         "tags": {k: dict(v.most_common()) for k, v in stats.tags.items()},
         "val_fraction": cfg.val_fraction,
         "seconds": round(seconds, 3),
@@ -743,11 +754,12 @@ def default_name(inputs: list[str]) -> str:
 
 def stats_table(summary: dict[str, Any]) -> Table:
     t = Table(title="prepared corpus", show_lines=False)
-    for col in ("source", "docs in", "kept", "dup", "dropped", "bytes in"):
+    for col in ("source", "docs in", "kept", "dup", "dropped", "bytes in", "MB/s"):
         t.add_column(col, justify="left" if col == "source" else "right")
     for label, c in summary["sources"].items():
         t.add_row(label, f"{c.get('documents_in', 0):,}", f"{c.get('documents_kept', 0):,}",
-                  f"{c.get('duplicates', 0):,}", f"{c.get('dropped', 0):,}", human_bytes(c.get("bytes_in", 0)))
+                  f"{c.get('duplicates', 0):,}", f"{c.get('dropped', 0):,}", human_bytes(c.get("bytes_in", 0)),
+                  f"{c.get('mb_per_s', 0):.1f}")
     t.add_section()
     for split in ("train", "val"):
         t.add_row(f"[bold]{split}[/]", "", f"{summary['documents'][split]:,}", "", "",

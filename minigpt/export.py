@@ -31,7 +31,7 @@ from .checkpoint import Loaded, load_run, quantization
 from .config import ExportConfig
 from .data import EOT, parse_tag
 from .model import GPT, Int8Embedding, Int8Linear, dequantize
-from .utils import UMASK, UserError, console, fsync_dir, human_bytes, write_json
+from .utils import UMASK, UserError, console, fsync_dir, human_bytes, output_folder, write_json
 
 EXTRA = "pip install 'minigpt[export]'"
 TOLERANCE = 1e-3  # max |logit difference| of an export against the original (fp32; seen: 0 and ~1e-5)
@@ -258,29 +258,12 @@ def export_onnx(loaded: Loaded, out: Path) -> dict[str, Any]:
     return {"format": "onnx", "max_abs_diff": diff, "opset": onnx.load(str(path)).opset_import[0].version}
 
 
-def _target(cfg: ExportConfig, run_dir: Path) -> Path:
-    """The output folder, refused when writing it could destroy something that is not an earlier export."""
-    out = Path(cfg.out).resolve()
-    run = run_dir.resolve()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{cfg.out} is a file; give a folder to export to.")
-    if out == run or run in out.parents or out in run.parents or out in (Path.cwd(), Path.home(), Path("/")):
-        raise UserError(f"{cfg.out} is, holds or lies inside the run {run_dir}; export to a folder of its own.")
-    if out.exists() and any(out.iterdir()):
-        if not cfg.force:
-            raise UserError(f"{cfg.out} exists and is not empty; give a new folder or --force to replace it.")
-        if not (out / MARKER).exists():
-            raise UserError(f"{cfg.out} is not an earlier minigpt export; --force only replaces those: give "
-                            "another folder.")
-    return out
-
-
 def export_run(cfg: ExportConfig) -> dict[str, Any]:
     """Write the run's checkpoint as `cfg.format` into `cfg.out`, checked, then swapped into place with two
     renames (an earlier export becomes `.OUT.old` until the new one has the name), so a crash leaves one
     whole export there, or its fallback."""
     loaded = load_run(cfg.run, cfg.checkpoint, "cpu", cfg.runs_dir, cast=False)
-    out = _target(cfg, loaded.folder.parent)
+    out = output_folder(cfg.out, loaded.folder.parent, cfg.force, lambda p: (p / MARKER).exists(), "export")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     old = out.with_name(f".{out.name}.old")

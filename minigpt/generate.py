@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Sampling
+from .config import GREEDY_BELOW, Sampling
 from .model import GPT, KVCache, activation_dtype
 from .utils import UserError, console
 
@@ -56,7 +56,7 @@ def next_token(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None, noi
         # CTRL-style: make tokens already present less likely, whatever the sign of their logit
         penalised = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
-    if s.temperature == 0:
+    if s.greedy:
         return logits.argmax(dim=-1)
     logits = logits / s.temperature
     if s.top_k:
@@ -83,7 +83,7 @@ class RowSampling:
     repetition_penalty: torch.Tensor
     max_k: int = 0  # the largest top_k of any row (0: no row uses top-k)
     any_top_p: bool = False
-    any_sampled: bool = True  # some row has temperature > 0 (else every row is greedy: no noise needed)
+    any_sampled: bool = True  # some row samples (else every row is greedy: no noise needed)
 
 
 def next_token_rows(logits: torch.Tensor, s: RowSampling, seen: torch.Tensor | None,
@@ -99,8 +99,9 @@ def next_token_rows(logits: torch.Tensor, s: RowSampling, seen: torch.Tensor | N
     greedy = logits.argmax(dim=-1)
     if noise is None or not s.any_sampled:
         return greedy
+    sampled_rows = s.temperature >= GREEDY_BELOW  # the others are greedy, as `Sampling.greedy` says
     t = s.temperature[:, None]
-    logits = logits / torch.where(t > 0, t, torch.ones_like(t))  # greedy rows are taken from `greedy` below
+    logits = logits / torch.where(sampled_rows[:, None], t, torch.ones_like(t))  # greedy rows: from `greedy`
     if s.max_k:
         k = s.top_k.clamp(1, min(s.max_k, logits.size(-1)))[:, None]
         kth = torch.topk(logits, min(s.max_k, logits.size(-1)), dim=-1).values.gather(1, k - 1)
@@ -111,7 +112,7 @@ def next_token_rows(logits: torch.Tensor, s: RowSampling, seen: torch.Tensor | N
         drop = (probs.cumsum(dim=-1) - probs > s.top_p[:, None]) & (s.top_p < 1)[:, None]
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     sampled = (logits.softmax(dim=-1) / noise).argmax(dim=-1)
-    return torch.where(s.temperature > 0, sampled, greedy)
+    return torch.where(sampled_rows, sampled, greedy)
 
 
 def draw_noise(shape: tuple[int, int], device: torch.device, gen: torch.Generator | None,
@@ -152,7 +153,7 @@ def generate_reference(
     out: list[torch.Tensor] = []
     for _ in range(max_new):
         logits = model(idx[:, -model.cfg.block_size :], last_only=True).logits[:, -1]
-        noise = draw_noise(logits.shape, device, gen) if s.temperature > 0 else None
+        noise = draw_noise(logits.shape, device, gen) if not s.greedy else None
         tok = next_token(logits, s, seen, noise)
         out.append(tok)
         idx = torch.cat([idx, tok[:, None]], dim=1)
@@ -236,7 +237,7 @@ class Decoder:
         self.out = torch.zeros(rows, max_new, dtype=torch.long, device=device)
         self.done = torch.zeros(rows, dtype=torch.bool, device=device)
         self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device) if s.repetition_penalty != 1 else None
-        self.noise = torch.empty(rows, vocab, device=device) if s.temperature > 0 else None
+        self.noise = torch.empty(rows, vocab, device=device) if not s.greedy else None
         self.host_pos = [0] * rows  # `pos` as the host knows it (it moves by one a step): no sync to read it
         self.prompts: list[torch.Tensor] = []  # each row's prompt (its last context's worth), for slides
         self.produced = 0

@@ -8,6 +8,7 @@ are the output head's rows, so one int8 matrix serves both.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from .data import TokenData, eval_windows
 from .evaluate import evaluate
 from .generate import default_mode
 from .model import GPT, int8_linears, quantize_int8
-from .utils import UserError, console, resolve_device
+from .utils import UserError, console, output_folder, read_json, resolve_device
 
 
 def int8_tensors(model: GPT) -> dict[str, torch.Tensor]:
@@ -42,6 +43,15 @@ def int8_tensors(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().cpu() for k, v in tensors.items()}
 
 
+def earlier_output(folder: Path) -> bool:
+    """Whether `folder` is a run that `minigpt quantize` wrote (its `best`, or the copy a crash left)."""
+    for tag in ("best", ".best.old"):
+        with contextlib.suppress(UserError, AttributeError):  # unreadable, or not a JSON object
+            if read_json(folder / tag / "config.json", "checkpoint config").get("quantization"):
+                return True
+    return False
+
+
 def quantize_run(cfg: QuantizeConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     run_dir = resolve_run(cfg.run, cfg.runs_dir)
@@ -50,7 +60,8 @@ def quantize_run(cfg: QuantizeConfig) -> dict[str, Any]:
     if existing != "none":
         same = "already quantized to " + existing if existing == cfg.to else f"quantized ({existing})"
         raise UserError(f"{run_dir} is {same}; quantize the original run instead.")
-    out_dir = Path(cfg.out) if cfg.out else run_dir.with_name(f"{run_dir.name}-{cfg.to}")
+    out_dir = output_folder(cfg.out or run_dir.with_name(f"{run_dir.name}-{cfg.to}"), run_dir, cfg.force,
+                            earlier_output, "quantize output")
     if cfg.to == "int8":
         tensors = int8_tensors(src.model)
         info = {"scheme": "int8", "weights": "int8, symmetric, per output channel", "scales": "float32, one per row",

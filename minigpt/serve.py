@@ -252,7 +252,7 @@ class Engine:
         settings = [s.sampling for _, s in active]
         rows = RowSampling(self.temperature[:hi], self.top_k[:hi], self.top_p[:hi], self.penalty[:hi],
                            max_k=max(s.top_k for s in settings), any_top_p=any(s.top_p < 1 for s in settings),
-                           any_sampled=any(s.temperature > 0 for s in settings))
+                           any_sampled=any(not s.greedy for s in settings))
         seen = self.seen[:hi] if any(s.repetition_penalty != 1 for s in settings) else None
         noise = None
         if rows.any_sampled:
@@ -495,11 +495,39 @@ class Job:
 # the server
 
 
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+EVERY_INTERFACE = frozenset({"0.0.0.0", "::", ""})
+
+
+def host_names(host: str, extra: list[str]) -> frozenset[str] | None:
+    """The Host names a server bound to `host` answers to (None: any): the loopback names and the bound
+    one, this machine's names and addresses when it listens on every interface, and `extra`."""
+    wanted = {h.strip().strip("[]").lower() for h in extra}
+    if "*" in wanted:
+        return None
+    names = set(LOCAL_NAMES) | wanted | {host.strip("[]").lower()}
+    if host in EVERY_INTERFACE:
+        with contextlib.suppress(OSError):
+            for name in {socket.gethostname(), socket.getfqdn()}:
+                names.add(name.lower())
+                names |= {str(a[4][0]).lower() for a in socket.getaddrinfo(name, None)}
+    return frozenset(names - {""})
+
+
+def host_of(header: str) -> str:
+    """The name in a Host header: `name:port`, `[v6]:port` or `name`."""
+    name = header.strip().lower()
+    if name.startswith("["):
+        return name[1 : name.find("]")] if "]" in name else name[1:]
+    return name.rsplit(":", 1)[0].rstrip(".") if name.count(":") == 1 else name.rstrip(".")
+
+
 class Server:
     """What the routes share: the settings, the run once loaded, the engine, the metrics."""
 
     def __init__(self, cfg: ServeConfig, api_key: str, metrics: Any) -> None:
         self.cfg, self.api_key, self.metrics = cfg, api_key, metrics
+        self.hosts = host_names(cfg.host, cfg.allowed_hosts)
         self.loaded: Loaded | None = None  # type: ignore[assignment]
         self.engine: Engine | None = None  # type: ignore[assignment]
         self.info: dict[str, Any] = {}
@@ -678,6 +706,12 @@ class Guard:
 
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            hosts, host = self.server.hosts, headers.get("host")
+            if hosts is not None and host is not None and host_of(host) not in hosts:
+                await self._refuse(counted, ApiError(400, f"this server does not answer to the host {host_of(host)!r}; "
+                                   f"start it with --allowed-hosts {host_of(host)} to allow that name.",
+                                   code="host_not_allowed"))
+                return
             key = self.server.api_key
             if key and path not in PUBLIC:
                 given = headers.get("authorization", "").encode("latin-1")  # the header's bytes, as sent
@@ -1096,16 +1130,28 @@ def serve_run(cfg: ServeConfig) -> None:
 LOAD_PROMPTS = ["def main():", "The", "import os\n", "Әнием", "class Config:", "Москва", "# ", "for i in range("]
 
 
+def completions_url(url: str) -> tuple[type[http.client.HTTPConnection], str, int, str]:
+    """(connection class, host, port, path of /v1/completions) of a server's address, given as its root
+    (`http://host:port`) or as the base URL OpenAI clients take (`.../v1`), over http or https."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"--serve takes a server's address, like http://127.0.0.1:8000 (or its /v1), not {url!r}.")
+    https = parts.scheme == "https"
+    path = parts.path.rstrip("/").removesuffix("/v1") + "/v1/completions"
+    return (http.client.HTTPSConnection if https else http.client.HTTPConnection, parts.hostname,
+            parts.port or (443 if https else 80), path)
+
+
 def _timed_completion(url: str, prompt: str, new_tokens: int, api_key: str) -> tuple[float, float, int]:
     """(seconds to the first text, seconds in all, tokens) of one streamed completion, read as SSE."""
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=600)
+    connection, host, port, path = completions_url(url)
+    conn = connection(host, port, timeout=600)
     body = json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0.8, "stream": True,
                        "ignore_eos": True, "stream_options": {"include_usage": True}})
     headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {api_key}"} if api_key else {})
     t0, first, tokens, last = time.perf_counter(), None, 0, ""
     try:
-        conn.request("POST", parts.path.rstrip("/") + "/v1/completions", body, headers)
+        conn.request("POST", path, body, headers)
         response = conn.getresponse()
         if response.status != 200:
             raise UserError(f"{url} answered {response.status}: {response.read(300).decode(errors='replace')}")

@@ -17,23 +17,25 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import find_checkpoint, load_model, read_trainer_state, save_checkpoint
 from .config import ModelConfig, Sampling, TrainConfig, model_config
-from .data import BatchSampler, TokenData, eval_windows, load_tokenizer
+from .data import BatchSampler, TokenData, eval_windows, find_tokenized, load_tokenizer
 from .evaluate import Score, evaluate
 from .generate import generate
 from .model import GPT, flops_per_token
@@ -49,6 +51,7 @@ from .utils import (
     human_time,
     init_distributed,
     peak_flops,
+    read_json,
     resolve_dtype,
 )
 
@@ -271,15 +274,16 @@ class Optimizers:
         saved = "muon" if set(state) == {"adamw", "muon"} else "adamw"
         if saved != self.kind:
             raise UserError(f"{source} was trained with --optimizer {saved}; resume it with --optimizer {saved}.")
-        kernels = [(g["fused"], g["foreach"]) for g in self.adamw.param_groups]
+        # a state keeps its own settings (betas, weight decay, momentum, kernel flags: saved on another device
+        # perhaps): this run's, which a resume may have retuned, go back in
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         if saved == "adamw":
             self.adamw.load_state_dict(state)
         else:
             self.adamw.load_state_dict(state["adamw"])
             self.muon.load_state_dict(state["muon"])
-        # a state saved elsewhere (an older run, another device) carries its own kernel flags: keep ours
-        for g, (fused, foreach) in zip(self.adamw.param_groups, kernels, strict=True):
-            g["fused"], g["foreach"] = fused, foreach
+        for group, ours in zip(self.param_groups, settings, strict=True):
+            group.update(ours)
 
 
 def accumulation(cfg: TrainConfig, block_size: int, world: int) -> tuple[int, int]:
@@ -294,6 +298,110 @@ def accumulation(cfg: TrainConfig, block_size: int, world: int) -> tuple[int, in
             f"processes = {block_size} x {cfg.batch_size} x {world} = {block_size * per_micro}."
         )
     return rows, rows // per_micro
+
+
+# --resume continues a run with the settings it was saved with. An option given again may change what leaves
+# the run itself alone (budgets, cadence, where and how fast it runs) or retune the optimisation (said to part
+# from an uninterrupted run); one that would change the batch, the model or the data stream is refused.
+ADJUSTABLE = frozenset({"max_steps", "max_minutes", "max_epochs", "patience", "log_every", "eval_every", "eval_tokens",
+                        "sample_every", "save_every", "max_bad_steps", "device", "dtype", "compile", "compile_mode",
+                        "grad_checkpoint", "data", "batch_size", "total_batch_tokens"})  # the batch: checked below
+RETUNABLE = frozenset({"lr", "muon_lr", "schedule", "warmup_steps", "cooldown", "min_lr_ratio", "weight_decay", "beta1",
+                       "beta2", "grad_clip", "muon_momentum"})
+NAMING = frozenset({"name", "runs_dir", "resume"})  # find the run: never compared
+SAVED_BEFORE = {"schedule": "cosine"}  # a run saved before a setting existed trained with this value of it
+
+
+def flag(name: str, value: Any) -> str:
+    """An option as a user types it: `--max-steps 300`, `--lr 0.002`, `--no-compile`."""
+    option = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return option if value else "--no-" + option[2:]
+    return f"{option} {value:g}" if isinstance(value, float) else f"{option} {value}"
+
+
+@dataclasses.dataclass
+class Resumed:
+    """The settings a resumed run goes on with, and those the command line changed: name -> (saved, now)."""
+
+    cfg: TrainConfig
+    changed: dict[str, tuple[Any, Any]]
+    folder: Path  # the `last` checkpoint resumed from
+    saved: dict[str, Any]  # its config.json
+    state: dict[str, Any]  # its trainer_state.json
+
+    @property
+    def retuned(self) -> bool:
+        """An optimisation setting changed: the losses from here differ from an uninterrupted run's."""
+        return bool(self.changed.keys() & RETUNABLE)
+
+    def describe(self) -> str:
+        def value(name: str, v: Any) -> str:
+            return flag(name, v) if isinstance(v, bool) else flag(name, v).split(" ", 1)[1]
+
+        return ", ".join(f"{flag(k, a)} -> {value(k, b)}" for k, (a, b) in self.changed.items())
+
+
+def run_folder(cfg: TrainConfig) -> Path:
+    """The run's folder: <runs-dir>/<name>, the name by default from the token folder and the preset."""
+    if cfg.name:
+        return Path(cfg.runs_dir) / cfg.name
+    folder = find_tokenized(cfg.data)
+    return Path(cfg.runs_dir) / f"{folder.parent.name}-{folder.name}-{cfg.preset}"
+
+
+def resume(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] | None, world: int) -> Resumed:
+    """The run's `last` checkpoint and the settings it goes on with (`resumed_config`)."""
+    run = run_folder(cfg)
+    folder = find_checkpoint(run, "last")
+    state = read_trainer_state(folder)
+    saved = read_json(folder / "config.json", "checkpoint config")
+    return resumed_config(cfg, overrides, given, saved, state, world, run, folder)
+
+
+def resumed_config(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] | None, saved: dict[str, Any],
+                   state: dict[str, Any], world: int, run: Path, folder: Path) -> Resumed:
+    """The saved settings of `run`, with the options given again (`given`: their names; None, from Python:
+    those that differ from TrainConfig's defaults) where they may change; any other option given with
+    another value than the run's, and any model option that differs, is refused in one sentence."""
+    fields = dataclasses.fields(TrainConfig)
+    if given is None:
+        given = {f.name for f in fields if getattr(cfg, f.name) != f.default}
+    before = SAVED_BEFORE | saved["train"] | {
+        "data": saved["data"]["folder"],  # the exact token folder, not a dataset folder that may hold a newer one
+        "max_steps": state.get("max_steps_asked") or saved["train"]["max_steps"],  # before --max-epochs cut it
+    }
+    model = ModelConfig(**saved["model"])
+    values: dict[str, Any] = {}
+    changed: dict[str, tuple[Any, Any]] = {}
+    for f in fields:
+        now = getattr(cfg, f.name)
+        if f.name in NAMING or f.name not in before:
+            values[f.name] = now
+            continue
+        old = before[f.name]
+        if f.name == "lr" and not now:
+            now = auto_lr(model)  # sized to the width, as it was at the start
+        if f.name not in given or now == old or (f.name == "data" and Path(now).resolve() == Path(old).resolve()):
+            values[f.name] = old
+            continue
+        if f.name not in ADJUSTABLE | RETUNABLE:
+            raise UserError(f"{run} was trained with {flag(f.name, old)}, which a resumed run keeps (it makes the "
+                            f"batch, the model or the data stream); leave {flag(f.name, now).split()[0]} out, or "
+                            "train a new run under another --name.")
+        values[f.name], changed[f.name] = now, (old, now)
+    for name, value in overrides.items():
+        if getattr(model, name) != value:
+            raise UserError(f"{run} was trained with {flag(name, getattr(model, name))}; a resumed run keeps its "
+                            f"model: leave {flag(name, value).split()[0]} out, or train a new run under another --name.")
+    resumed = TrainConfig(**values)
+    rows_before = state.get("rows_per_step") or state["tokens_seen"] // max(state["step"], 1) // model.block_size
+    rows, _ = accumulation(resumed, model.block_size, world)
+    if rows != rows_before:
+        raise UserError(f"{run} trained on {rows_before} sequences per step and would resume on {rows} "
+                        f"(--batch-size {resumed.batch_size} x {world} process(es)); keep the batch: the same "
+                        f"--batch-size and processes, or --total-batch-tokens {rows_before * model.block_size}.")
+    return Resumed(resumed, changed, folder, saved, state)
 
 
 def forward_backward(
@@ -377,13 +485,15 @@ class Health:
 # the run
 
 
-def train(cfg: TrainConfig, overrides: dict[str, Any]) -> dict[str, Any]:
-    d, device = init_distributed(cfg.device)
+def train(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] | None = None) -> dict[str, Any]:
+    """Train a run, or resume one (`given`: the options the command line gave; see `resumed_config`)."""
+    resumed = resume(cfg, overrides, given, int(os.environ.get("WORLD_SIZE", "1"))) if cfg.resume else None
+    d, device = init_distributed(resumed.cfg.device if resumed else cfg.device)
     if d.world == 1:
-        return Trainer(cfg, overrides, d, device).run()
+        return Trainer(cfg, overrides, d, device, resumed).run()
     trainer = None
     try:
-        trainer = Trainer(cfg, overrides, d, device)
+        trainer = Trainer(cfg, overrides, d, device, resumed)
         summary = trainer.run()
         # Leave together: rank 0 still samples and plots after the last collective, and a process that
         # tears its connections down while a peer still holds them open can abort at exit.
@@ -411,24 +521,33 @@ class Trainer:
     """One run: `__init__` builds or restores everything, `run` loops over `train_step`, `log_step`,
     `validate` and `save` until the steps, the time or the patience run out, or Ctrl-C."""
 
-    def __init__(self, cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.device,
+                 resumed: Resumed | None = None) -> None:
+        if cfg.resume and resumed is None:
+            resumed = resume(cfg, overrides, None, d.world)
+        if resumed is not None:
+            cfg = resumed.cfg
         self.cfg, self.d, self.device = cfg, d, device
         self.dtype = resolve_dtype(cfg.dtype, device)
         self.data = data = TokenData(cfg.data)
-        self.name = cfg.name or f"{data.folder.parent.name}-{data.folder.name}-{cfg.preset}"
-        self.run_dir = Path(cfg.runs_dir) / self.name
+        self.run_dir = resumed.folder.parent if resumed is not None else run_folder(cfg)
+        self.name = self.run_dir.name
 
-        state, model = self._restore_model() if cfg.resume else ({}, self._new_model(overrides))
+        state: dict[str, Any] = {}
+        if resumed is not None:
+            self.resume_folder, state = resumed.folder, resumed.state
+            model = self._restore_model(resumed.saved)
+        else:
+            model = self._new_model(overrides)
         self.mcfg: ModelConfig = model.cfg
         if not cfg.lr:  # sized to the width, and saved so: a resumed run sizes it the same way
             self.cfg = cfg = dataclasses.replace(cfg, lr=auto_lr(model.cfg))
-        if cfg.resume and d.main:  # options come from the command line: say when the schedule changes
-            before = {"lr": self.saved_train.get("lr"), "schedule": self.saved_train.get("schedule", "cosine")}
-            changed = {k: v for k, v in before.items() if v is not None and v != getattr(cfg, k)}
-            if changed:
-                console.print("[yellow]this run trained with " + ", ".join(f"--{k} {v}" for k, v in changed.items())
-                              + "; it resumes with " + ", ".join(f"--{k} {getattr(cfg, k)}" for k in changed)
-                              + " (pass the former to continue as it was)[/]", highlight=False)
+        if resumed is not None and resumed.changed and d.main:
+            console.print(f"resuming with the run's saved settings but {resumed.describe()}", highlight=False)
+            if resumed.retuned:
+                console.print("[yellow]the optimisation changed: from here the run differs from an uninterrupted "
+                              "one[/]", highlight=False)
+        self.max_steps_asked = cfg.max_steps
         if cfg.max_epochs:  # the step budget in epochs: the schedule then ends where the epochs do
             rows, _ = accumulation(cfg, model.cfg.block_size, d.world)
             steps = epoch_steps(cfg.max_epochs, data.train.tokens, rows * model.cfg.block_size)
@@ -483,7 +602,8 @@ class Trainer:
             "model": dataclasses.asdict(self.mcfg),
             "train": dataclasses.asdict(cfg),
             "data": {k: data.meta[k] for k in ("kind", "vocab_size", "eot_id", "tags", "tokenizer_sha256", "dataset")}
-            | {"folder": str(data.folder), "tag_documents": data.meta.get("tag_documents", {})},
+            | {"folder": str(data.folder), "tag_documents": data.meta.get("tag_documents", {}),
+               "train_shards": data.train.lengths.tolist()},
         }
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tok = load_tokenizer(data.tokenizer_json) if d.main else None
@@ -512,14 +632,14 @@ class Trainer:
                                   "train without it)", highlight=False)
         return GPT(mcfg)
 
-    def _restore_model(self) -> tuple[dict[str, Any], GPT]:
-        self.resume_folder = folder = find_checkpoint(self.run_dir, "last")
-        state = read_trainer_state(folder)
-        model, saved = load_model(folder, "cpu")
-        self.saved_train = saved.get("train", {})
-        if saved["data"]["tokenizer_sha256"] != self.data.meta["tokenizer_sha256"]:
-            raise UserError(f"run {self.run_dir} was trained on other token data; pass the same --data to resume.")
-        return state, model
+    def _restore_model(self, saved: dict[str, Any]) -> GPT:
+        model, _ = load_model(self.resume_folder, "cpu")
+        same = saved["data"]["tokenizer_sha256"] == self.data.meta["tokenizer_sha256"]
+        shards = saved["data"].get("train_shards")  # what the batch sampler draws from (runs saved before: unknown)
+        if not same or (shards is not None and shards != self.data.train.lengths.tolist()):
+            raise UserError(f"run {self.run_dir} was trained on other token data; resume it on "
+                            f"{saved['data']['folder']} (leave --data out).")
+        return model
 
     def _restore_state(self, state: dict[str, Any]) -> None:
         """Optimizer, scaler, batch sampler and RNG streams as the checkpoint left them (or fresh seeds)."""
@@ -568,7 +688,8 @@ class Trainer:
             "best_val_loss": self.best, "best_val_bpb": self.best_bpb, "bad_evals": self.bad_evals,
             "train_seconds": elapsed, "tokens_seen": self.step * self.tokens_per_step,
             "cpu_compiled": bool(self.compiled) if device.type == "cpu" else None,
-            "probe_tokens": self.probe_tokens,
+            "probe_tokens": self.probe_tokens, "rows_per_step": self.rows_per_step,
+            "max_steps_asked": self.max_steps_asked,
         }
 
     def save(self, tag: str, elapsed: float, extra: dict[str, Any] | None = None) -> bool:
@@ -893,13 +1014,15 @@ class Trainer:
         }
         if self.d.main:
             _plot(self.metrics_path, self.run_dir / "loss.png")
-            resume = (f"python 03_train.py --data {cfg.data} --runs-dir {cfg.runs_dir} --name {self.name} --resume"
-                      + (f" --optimizer {cfg.optimizer}" if cfg.optimizer != "adamw" else ""))
+            # the run's saved settings come back with it: naming the run is all a resume needs
+            resume = shlex.join(["python", "03_train.py", "--runs-dir", cfg.runs_dir, "--name", self.name, "--resume"])
             if stop.interrupted:
-                console.print(f"[yellow]interrupted at step {step}; saved {self.run_dir}/last. Resume with: {resume}[/]")
+                console.print(f"[yellow]interrupted at step {step}; saved {escape(str(self.run_dir))}/last. Resume with: "
+                              f"{escape(resume)}[/]")
             if stop.failed:
-                console.print(f"[bold red]stopped: {stop.reason}. The last good checkpoint is in {self.run_dir}/last; "
-                              f"lower --lr or try --dtype fp32, then: {resume}[/]")
+                console.print(f"[bold red]stopped: {stop.reason}. The last good checkpoint is in "
+                              f"{escape(str(self.run_dir))}/last; resume it with a lower --lr or with --dtype fp32: "
+                              f"{escape(resume)}[/]")
         return summary
 
     def _print_header(self) -> None:

@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -163,6 +163,24 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{what} {path} is not valid JSON ({e.__class__.__name__}); regenerate it.") from None
+
+
+def output_folder(out: str | Path, run: Path, force: bool, earlier: Callable[[Path], bool], what: str) -> Path:
+    """The folder a command may write `what` into (resolved): refused when it is, holds or lies inside the
+    run it reads, is a file, the working or home folder, or holds anything but an earlier `what` (which
+    only --force replaces): a command that writes beside a run never destroys one."""
+    path, source = Path(out).resolve(), run.resolve()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{out} is a file; give a folder for the {what}.")
+    if path == source or source in path.parents or path in source.parents or path in (Path.cwd(), Path.home()):
+        raise UserError(f"{out} is, holds or lies inside the run {run}; write the {what} to a folder of its own.")
+    if path.exists() and any(path.iterdir()):
+        if not earlier(path):
+            raise UserError(f"{out} exists, is not empty and is not an earlier minigpt {what}; give a new folder "
+                            "(--force replaces only those).")
+        if not force:
+            raise UserError(f"{out} holds an earlier minigpt {what}; give a new folder, or --force to replace it.")
+    return path
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -209,14 +209,31 @@ def test_tables_are_documents_with_tags(tmp_path: Path, name: str) -> None:
         pq.write_table(pa.Table.from_pylist(rows), path)
     else:
         write_table(path, rows, "\t" if ".tsv" in name else ",")
+    # fields with newlines and quotes: CSV's quoting (which a .tsv then needs --quoted-tsv to read)
     data, stats = prepare(PrepareConfig(inputs=[str(path)], out_dir=str(tmp_path / "data"), text_column="body",
-                                        val_fraction=0.0))
+                                        val_fraction=0.0, quoted_tsv=".tsv" in name))
     docs = list(iter_documents(data, "train"))
     assert stats["format"] == "jsonl" and len(docs) == 50
     assert docs[3] == (rows[3]["body"], {"id": "3", "author": "Гали"})
     assert stats["tags"]["author"] == {"Tukay": 25, "Гали": 25}
     with pytest.raises(UserError, match="no 'text' column"):
         prepare(PrepareConfig(inputs=[str(path)], out_dir=str(tmp_path / "d2")))
+
+
+def test_plain_tsv_has_no_quoting(tmp_path: Path) -> None:
+    """Common Voice and Tatoeba write TSV without quoting: a quote is text, and one that never closes
+    swallows nothing. Every row in is a document out."""
+    sentences = ['"Hello," she said.', 'He wrote "hi and left.', "Plain one.", 'Ends with a quote"', "Last 'row'."]
+    path = tmp_path / "validated.tsv"
+    path.write_text("sentence\tlocale\n" + "".join(f"{t}\ttt\n" for t in sentences), encoding="utf-8")
+    data, stats = prepare(PrepareConfig(inputs=[str(path)], out_dir=str(tmp_path / "data"), text_column="sentence",
+                                        val_fraction=0.0))
+    assert [t for t, _ in iter_documents(data, "train")] == sentences and stats["malformed_lines"] == 0
+    # quoted TSV, asked for: a quoted field may hold a tab and a newline
+    path.write_text('sentence\tlocale\n"one\ttab"\ttt\n"two\nlines"\ttt\n""""\ttt\n', encoding="utf-8")
+    data, stats = prepare(PrepareConfig(inputs=[str(path)], out_dir=str(tmp_path / "q"), text_column="sentence",
+                                        val_fraction=0.0, quoted_tsv=True))
+    assert [t for t, _ in iter_documents(data, "train")] == ["one\ttab", "two\nlines", '"']
 
 
 def test_a_table_with_broken_rows_keeps_the_good_ones(tmp_path: Path) -> None:

@@ -119,6 +119,33 @@ def test_jsonl_with_tags_and_malformed_lines(tmp_path: Path) -> None:
     assert text.startswith("Җөмлә") and tags["lang"] == "tt" and tags["year"] in ("2020", "2021")
 
 
+@pytest.mark.parametrize("name", ["big.jsonl", "big.jsonl.gz", "big.txt", "big.tsv"])
+def test_every_format_is_read_in_blocks_not_bytes(tmp_path: Path, name: str, monkeypatch) -> None:
+    """A 2 MB input reaches the OS in a handful of reads whatever its format (plain JSONL used to be read a
+    byte per call, about 18x slower than the same file gzipped), and each input's MB/s is in stats.json."""
+    import minigpt.corpus as corpus
+
+    rows = [f"Sentence number {i} of the big file." for i in range(50_000)]
+    body = {".jsonl": "".join(json.dumps({"text": r}) + "\n" for r in rows), ".txt": "\n".join(rows) + "\n",
+            ".tsv": "text\n" + "\n".join(rows) + "\n"}[Path(name.removesuffix(".gz")).suffix]
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(body.encode()) if name.endswith(".gz") else body.encode())
+    reads = []
+    counting = corpus._Counting
+
+    class Spy(counting):
+        def readinto(self, b):
+            reads.append(len(b))
+            return super().readinto(b)
+
+    monkeypatch.setattr(corpus, "_Counting", Spy)
+    out, stats = run_prepare(tmp_path, str(path), val_fraction=0.0)
+    assert stats["documents"]["train"] == 50_000
+    assert len(reads) < 10 + 2 * path.stat().st_size // 8192, (len(reads), path.stat().st_size)  # 8 KB or more each
+    source = stats["sources"][str(path)]
+    assert source["mb_per_s"] > 0 and source["seconds"] > 0
+
+
 def make_leipzig(path: Path, sentences: list[str], with_sentences: bool = True) -> Path:
     with tarfile.open(path, "w:gz") as tar:
         def add(name: str, data: bytes) -> None:

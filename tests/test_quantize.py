@@ -121,6 +121,11 @@ def test_errors(run: Path, tmp_path: Path) -> None:
     assert run_cli("quantize", "--run", str(run), "--out", str(out), "--device", "cpu",
                       "--eval-tokens", "1024", "--new-tokens", "4").returncode == 0
     assert_user_error(run_cli("quantize", "--run", str(out), "--device", "cpu"), "already quantized to int8")
+    # a second time to the same folder: only with --force (which replaces it)
+    again = ["quantize", "--run", str(run), "--out", str(out), "--device", "cpu", "--eval-tokens", "1024",
+             "--new-tokens", "4"]
+    assert_user_error(run_cli(*again), "holds an earlier minigpt quantize output", "--force")
+    assert run_cli(*again, "--force").returncode == 0
     info = json.loads(run_cli("info", "--run", str(out)).stdout.strip().splitlines()[-1])
     assert info["quantization"] == "int8" and info["quantization_source"] == str(run / "best")
     assert info["val_bpb"] is None  # the source run's figure is not this run's
@@ -133,6 +138,21 @@ def test_errors(run: Path, tmp_path: Path) -> None:
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in (wrong / tag).iterdir()}
         (wrong / tag / "manifest.json").write_text(json.dumps(files))
     assert_user_error(run_cli("quantize", "--run", str(wrong), "--device", "cpu"), "does not belong")
+
+
+def test_quantize_never_writes_over_a_run(run: Path, tmp_path: Path) -> None:
+    """OUT that is the run, inside it or holds it is refused, --force or not, and so is a folder that is not
+    an earlier quantize output (another run, say): the run's checkpoints stay as they were."""
+    before = {p: sha256_file(p) for p in run.rglob("*") if p.is_file()}
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    for target, fragment in ((run, "the run"), (run / "best" / "q", "the run"), (run.parent, "the run"),
+                             (other, "not an earlier minigpt quantize output"), (run / "metrics.jsonl", "is a file")):
+        for force in ([], ["--force"]):
+            assert_user_error(run_cli("quantize", "--run", str(run), "--out", str(target), "--device", "cpu", *force),
+                              fragment)
+    assert {p: sha256_file(p) for p in run.rglob("*") if p.is_file()} == before
+    assert load_run(other, "best").config.get("quantization") is None
 
 
 def test_bf16_inference_for_float_and_int8_models(run: Path) -> None:

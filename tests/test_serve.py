@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ENGLISH, MODEL, ROOT, TATAR, assert_user_error, run_cli, train_cfg
@@ -23,7 +24,7 @@ from minigpt.checkpoint import load_run
 from minigpt.config import PrepareConfig, Sampling, TokenizerConfig
 from minigpt.corpus import prepare
 from minigpt.generate import RowSampling, generate, next_token, next_token_rows
-from minigpt.serve import Engine, Sequence, TextStream, load_bench
+from minigpt.serve import Engine, Sequence, TextStream, completions_url, host_names, host_of, load_bench
 from minigpt.tokenizer import build
 from minigpt.train import train
 
@@ -46,7 +47,7 @@ def test_next_token_rows_gives_each_row_what_next_token_gives_it_alone() -> None
     torch.manual_seed(0)
     mixed = [Sampling(0.0), Sampling(1.0), Sampling(0.5, top_k=5), Sampling(2.0, top_p=0.6),
              Sampling(1.0, top_k=3, top_p=0.9, repetition_penalty=1.3), Sampling(0.0, repetition_penalty=2.0),
-             Sampling(1.0, top_p=0.3)]
+             Sampling(1.0, top_p=0.3), Sampling(1e-40)]
     plain = [Sampling(0.0), Sampling(1.0), Sampling(0.5), Sampling(4.0)]
     vocab = 50
     for settings in (mixed, plain):
@@ -65,6 +66,8 @@ def test_next_token_rows_gives_each_row_what_next_token_gives_it_alone() -> None
             want = [int(next_token(logits[r : r + 1], x, seen[r : r + 1], noise[r : r + 1]))
                     for r, x in enumerate(settings)]
             assert got.tolist() == want, (trial, settings)
+            if settings is mixed:  # a temperature below the floor is greedy, not NaN
+                assert want[-1] == int(logits[-1].argmax())
 
 
 def test_text_stream_holds_back_split_characters_and_stop_strings() -> None:
@@ -93,11 +96,14 @@ def test_text_stream_holds_back_split_characters_and_stop_strings() -> None:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A tagged toy run (context 32, so rows slide often) and `minigpt serve` on it, on a free port."""
+    """A toy run tagged with two fields, which the records give in either order (context 32, so rows slide
+    often), and `minigpt serve` on it, on a free port."""
     tmp = tmp_path_factory.mktemp("serve")
     source = tmp / "tagged.jsonl"
-    source.write_text("\n".join(json.dumps({"text": f"{t} {i}", "lang": lang}, ensure_ascii=False)
-                                 for i, (t, lang) in enumerate([(ENGLISH, "en"), (TATAR, "tt")] * 150)), encoding="utf-8")
+    records = [{"text": f"{t} {i}", "lang": lang, "author": "AB"[i % 4 // 2]} if i % 3 else
+               {"author": "AB"[i % 4 // 2], "text": f"{t} {i}", "lang": lang}
+               for i, (t, lang) in enumerate([(ENGLISH, "en"), (TATAR, "tt")] * 150)]
+    source.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
     data, _ = prepare(PrepareConfig(inputs=[str(source)], out_dir=str(tmp / "data"), val_fraction=0.2))
     tokens = build(TokenizerConfig(data=str(data), vocab_size=300)).out
     train(train_cfg(tokens, tmp, name="toy", max_steps=40, eval_every=40), MODEL)
@@ -107,7 +113,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, proc)
-        yield {"run": tmp / "toy", "base": base, "proc": proc, "loaded": load_run(tmp / "toy", device="cpu")}
+        yield {"run": tmp / "toy", "base": base, "proc": proc, "loaded": load_run(tmp / "toy", device="cpu"),
+               "tokens": tokens, "source": source}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -144,6 +151,16 @@ def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 90) -> None
             pass
         time.sleep(0.1)
     raise AssertionError("the server never became healthy")
+
+
+def idle(served: dict) -> None:
+    """Wait until the server runs nothing (a request cancelled by an earlier test may still be leaving): a
+    request then decodes alone, in slot 0, as `reference` does (a batch of other rows can round differently
+    and flip a near-tie of this toy model's greedy choice)."""
+    deadline = time.monotonic() + 10
+    while (h := httpx.get(served["base"] + "/health").json())["running"] or h["waiting"]:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.02)
 
 
 def reference(served: dict, prompt: str, max_new: int, tags: dict | None = None) -> str:
@@ -212,7 +229,7 @@ def test_engine_joins_and_slides_give_every_sequence_its_lone_tokens(served: dic
 
 def test_engine_serves_first_come_first_and_an_eot_at_the_limit_is_a_stop(served: dict) -> None:
     loaded = served["loaded"]
-    ids = [loaded.prompt(t)[0] for t in ("", "The", "Әни", "Ш", "x")]
+    ids = [loaded.prompt(t)[0] for t in ("", "The", "Әни", "Ш", ENGLISH + " 7")]  # the last: where documents end
     got, ends, order = run_engine(loaded, [(i, 6, GREEDY) for i in ids], slots=1)
     assert order == list(range(len(ids)))  # one slot: in the order they came
     got, ends, _ = run_engine(loaded, [(i, 60, GREEDY) for i in ids], slots=2)
@@ -234,6 +251,7 @@ def client(served: dict):
 
 
 def test_openai_client_completions(served: dict, client) -> None:
+    idle(served)
     name = client.models.list().data[0].id
     assert name == "toy" and client.models.retrieve("toy").id == "toy"
     r = client.completions.create(model=name, prompt="The quick", max_tokens=12, temperature=0)
@@ -266,6 +284,56 @@ def test_openai_client_completions(served: dict, client) -> None:
     assert r.usage.prompt_tokens == sum(len(served["loaded"].prompt(p)[0]) for p in ["The", "Әни"])
 
 
+def test_a_tiny_temperature_is_greedy_on_every_route(served: dict, client) -> None:
+    """1e-40 scaled the logits past float32 into NaN (an empty text with finish_reason 'stop'): below the
+    floor a temperature is greedy, in the completions route, /generate and `minigpt generate` alike."""
+    want = reference(served, "The quick", 12)
+    assert want
+    idle(served)
+    for t in (1e-40, 1e-7):
+        r = client.completions.create(model="toy", prompt="The quick", max_tokens=12, temperature=t)
+        assert r.choices[0].text == want, t
+        native = httpx.post(served["base"] + "/generate", headers=AUTH, timeout=30, json={
+            "prompt": "The quick", "max_new_tokens": 12, "temperature": t})
+        assert native.json()["samples"][0]["text"] == want, t
+        proc = run_cli("generate", "--run", str(served["run"]), "--prompt", "The quick", "--max-new-tokens", "12",
+                       "--temperature", str(t), "--device", "cpu")
+        assert proc.returncode == 0 and proc.stdout.split("\n", 1)[1].startswith("The quick" + want), proc.stdout
+
+
+def test_two_tag_fields_in_any_order_make_one_token_order(served: dict) -> None:
+    """Records give author and lang in either order; the shards, a prompt, `minigpt generate --tag`, the server
+    and `minigpt eval` all put the tag tokens in field order (author, then lang)."""
+    loaded = served["loaded"]
+    tags = loaded.tags
+    authors, langs = {tags["<|author=A|>"], tags["<|author=B|>"]}, {tags["<|lang=en|>"], tags["<|lang=tt|>"]}
+    meta = json.loads((served["tokens"] / "meta.json").read_text())
+    stream = np.concatenate([np.fromfile(served["tokens"] / s["file"], dtype="<u2")
+                             for s in meta["splits"]["train"]["shards"]]).tolist()
+    starts = [i + 1 for i, t in enumerate(stream[:-2]) if t == loaded.eot]
+    assert len(starts) > 200 and all(stream[i] in authors and stream[i + 1] in langs for i in starts)
+    one, _ = loaded.prompt("The", {"lang": "tt", "author": "B"})
+    other, _ = loaded.prompt("The", {"author": "B", "lang": "tt"})
+    assert one == other and one[:3] == [loaded.eot, tags["<|author=B|>"], tags["<|lang=tt|>"]]
+    want = reference(served, "The", 10, {"author": "B", "lang": "tt"})
+    idle(served)
+    for order in ({"lang": "tt", "author": "B"}, {"author": "B", "lang": "tt"}):
+        r = httpx.post(served["base"] + "/generate", headers=AUTH, timeout=30, json={
+            "prompt": "The", "max_new_tokens": 10, "temperature": 0, "tags": order})
+        assert r.json()["samples"][0]["text"] == want, order
+        cli = run_cli("generate", "--run", str(served["run"]), "--prompt", "The", "--max-new-tokens", "10",
+                      "--temperature", "0", "--device", "cpu", *[t for k, v in order.items() for t in ("--tag", f"{k}={v}")])
+        assert cli.stdout.split("\n", 1)[1].startswith("The" + want), cli.stdout
+    scores = []
+    for i, keys in enumerate((("text", "lang", "author"), ("author", "text", "lang"))):
+        path = served["source"].parent / f"order{i}.jsonl"
+        path.write_text("".join(json.dumps({k: {"text": f"{ENGLISH} {j}", "lang": "en", "author": "A"}[k]
+                                            for k in keys}) + "\n" for j in range(5)))
+        proc = run_cli("eval", "--run", str(served["run"]), str(path), "--device", "cpu")
+        scores.append(json.loads(proc.stdout.strip().splitlines()[-1])["bpb"])
+    assert scores[0] == scores[1]
+
+
 def test_stop_strings_end_the_text_before_them(served: dict, client) -> None:
     """A seeded sample, then the same with a stop string taken from its middle: the text ends before it."""
     same = {"model": "toy", "prompt": "The", "max_tokens": 60, "temperature": 1.0, "seed": 3}
@@ -273,7 +341,8 @@ def test_stop_strings_end_the_text_before_them(served: dict, client) -> None:
     stop = full[20:23]
     want = full[: full.find(stop)]
     assert stop.strip() and len(want) >= 3, full
-    r = client.completions.create(**same, stop=[stop, "\x00"])
+    unused = next(c for c in ("\x00", "\x01", "\u2603") if c not in full)  # a second stop string that never comes
+    r = client.completions.create(**same, stop=[stop, unused])
     assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens < 60
     chunks = list(client.completions.create(**same, stop=stop, stream=True))
@@ -374,10 +443,27 @@ def test_keys_routes_and_methods(served: dict) -> None:
     assert r.status_code == 405 and "error" in r.json()
     assert httpx.get(base + "/v1/models/other", headers=AUTH).status_code == 404
     info = httpx.get(base + "/info", headers=AUTH).json()
-    assert info["tags"] == {"lang": {"en": 150, "tt": 150}} and info["model"]["block_size"] == MODEL["block_size"]
+    assert info["tags"] == {"author": {"A": 150, "B": 150}, "lang": {"en": 150, "tt": 150}}
+    assert info["model"]["block_size"] == MODEL["block_size"]
     assert info["server"]["max_batch"] == 8 and info["model_name"] == "toy"
     assert "/v1/completions" in httpx.get(base + "/openapi.json").json()["paths"]
     assert "/generate" in httpx.get(base + "/openapi.json").json()["paths"]
+
+
+def test_only_the_hosts_the_address_implies_are_answered(served: dict) -> None:
+    """DNS rebinding: a page on evil.example whose name now points at 127.0.0.1 sends Host: evil.example.
+    Every route, the public page included, refuses it; the loopback names pass."""
+    base, port = served["base"], served["base"].rsplit(":", 1)[1]
+    for route in ("/", "/health", "/v1/models"):
+        r = httpx.get(base + route, headers=AUTH | {"Host": f"evil.example:{port}"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed", route
+        assert "--allowed-hosts evil.example" in r.json()["error"]["message"]
+    for name in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", f"[::1]:{port}"):
+        assert httpx.get(base + "/health", headers={"Host": name}).status_code == 200, name
+    assert host_names("127.0.0.1", ["evil.example"]) >= {"evil.example", "localhost", "127.0.0.1", "::1"}
+    assert host_names("127.0.0.1", ["*"]) is None and "myhost" in host_names("myhost", [])
+    assert socket.gethostname().lower() in host_names("0.0.0.0", [])
+    assert [host_of(h) for h in ("a.b:80", "[::1]:8000", "Name.", "[fe80::1]")] == ["a.b", "::1", "name", "fe80::1"]
 
 
 def metric(base: str, name: str) -> float:
@@ -463,9 +549,15 @@ def test_32_concurrent_clients_all_succeed_and_beat_one_at_a_time(served: dict, 
     assert figures["speedup"] > 1.2, figures  # measured: 2.3x on 2 CPU cores
     assert c["ttft_p50_s"] <= c["ttft_p95_s"] <= c["latency_p95_s"] and c["seconds"] < 120
     monkeypatch.setenv("MINIGPT_API_KEY", KEY)
-    proc = run_cli("bench", "--serve", served["base"], "--clients", "3", "--new-tokens", "4")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["at_once"]["tokens"] == 12
+    for url in (served["base"], served["base"] + "/v1", served["base"] + "/v1/"):  # the root, or the clients' base
+        proc = run_cli("bench", "--serve", url, "--clients", "3", "--new-tokens", "4")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert json.loads(proc.stdout.strip().splitlines()[-1])["at_once"]["tokens"] == 12
+    assert completions_url("https://example.org/v1")[1:] == ("example.org", 443, "/v1/completions")
+    assert completions_url("https://example.org/v1")[0].__name__ == "HTTPSConnection"
+    assert_user_error(run_cli("bench", "--serve", served["base"].replace("http", "https"), "--clients", "1"),
+                      "cannot reach", "ssl")  # TLS asked of a plain server
+    assert_user_error(run_cli("bench", "--serve", "127.0.0.1:8000"), "http://127.0.0.1:8000")
     assert_user_error(run_cli("bench", "--serve", f"http://127.0.0.1:{free_port()}"), "cannot reach")
     monkeypatch.setenv("MINIGPT_API_KEY", "wrong")
     assert_user_error(run_cli("bench", "--serve", served["base"], "--clients", "1"), "401")
@@ -481,19 +573,24 @@ def test_sigterm_lets_running_requests_end_cleanly(served: dict, tmp_path: Path)
     try:
         wait_healthy(base, proc)
         results: dict[str, list] = {}
+        started = {name: threading.Event() for name in ("long", "short")}
 
         def stream(name: str, max_tokens: int) -> None:
             body = {"prompt": "The", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
             with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as r:
-                results[name] = sse_events(r)
+                lines = []
+                for line in r.iter_lines():  # the raw lines, blank separators included, for sse_events' check
+                    lines.append(line)
+                    started[name].set()
+                results[name] = [e[len("data: "):] for e in lines if e.startswith("data: ")]
+                assert lines[-1] == "" and all(e.startswith("data: ") for e in lines[::2])
 
-        threads = [threading.Thread(target=stream, args=("long", 20000)), threading.Thread(target=stream, args=("short", 40))]
+        # the short one asks for a few hundred tokens: still running at the signal, done well within 3 s
+        threads = [threading.Thread(target=stream, args=("long", 20000)), threading.Thread(target=stream, args=("short", 400))]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 20
-        while httpx.get(base + "/health").json().get("running", 0) < 2:
-            assert time.monotonic() < deadline and all(t.is_alive() for t in threads), results
-            time.sleep(0.02)
+        assert all(e.wait(20) for e in started.values()), results
+        assert "short" not in results, "the short request ended before the signal; give it more tokens"
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         with pytest.raises(httpx.TransportError):  # the listener is closed (or answers 503 until it is)
@@ -540,6 +637,7 @@ def test_the_page_streams_text_in_headless_chromium(served: dict, tmp_path: Path
             page.evaluate("""() => { window.changes = 0;  // every change of the streamed text, as it happens
                 new MutationObserver(() => window.changes++).observe(document.getElementById('output'),
                     {childList: true, subtree: true, characterData: true}); }""")
+            idle(served)
             page.click("#generate")
             page.wait_for_function("!document.getElementById('generate').disabled", timeout=30000)
             final = page.text_content("#completion")

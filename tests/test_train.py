@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -280,10 +281,11 @@ def test_a_cpu_compilation_that_fails_trains_on_eagerly(tokens: Path, tmp_path: 
 
 
 @pytest.mark.skipif(not cpp_compiler(), reason="no C++ compiler: CPU runs never compile here")
-def test_a_resumed_cpu_run_steps_as_before_and_says_when_its_schedule_changed(tokens: Path, tmp_path: Path,
-                                                                            monkeypatch, capsys) -> None:
+def test_a_resumed_cpu_run_steps_as_before_and_says_what_changed(tokens: Path, tmp_path: Path, monkeypatch,
+                                                                 capsys) -> None:
     """Compiled or eager, a resumed CPU run keeps the way it stepped (however little is left); a run resumed
-    with another --lr or --schedule than it trained with (new defaults) says so."""
+    with another budget or --lr says so, and keeps every setting it was not given (--schedule cosine here,
+    whatever the default)."""
     cpu = torch.device("cpu")
     monkeypatch.setattr("minigpt.train.compile_plan", lambda *a, **k: "compiled (default: test)")
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # compiled in name: this test needs no C++
@@ -295,10 +297,11 @@ def test_a_resumed_cpu_run_steps_as_before_and_says_when_its_schedule_changed(to
     monkeypatch.setattr("minigpt.train.compile_plan", lambda *a, **k: "compiled (default: test)")
     assert Trainer(train_cfg(tokens, tmp_path / "e", max_steps=6, resume=True), MODEL, Dist(), cpu).compiled == ""
     capsys.readouterr()
-    Trainer(train_cfg(tokens, tmp_path / "c", max_steps=6, resume=True, lr=1e-3), MODEL, Dist(), cpu)
+    trainer = Trainer(train_cfg(tokens, tmp_path / "c", max_steps=6, resume=True, lr=1e-3), MODEL, Dist(), cpu)
     out = " ".join(capsys.readouterr().out.split())
-    assert ("this run trained with --lr 0.003, --schedule cosine; it resumes with --lr 0.001, --schedule wsd "
-            "(pass the former to continue as it was)") in out, out
+    assert "resuming with the run's saved settings but --max-steps 4 -> 6, --lr 0.003 -> 0.001" in out, out
+    assert "from here the run differs from an uninterrupted one" in out
+    assert trainer.cfg.schedule == "cosine" and trainer.cfg.lr == 1e-3
 
 
 @pytest.mark.slow
@@ -390,8 +393,80 @@ def test_a_run_stopped_by_ctrl_c_resumes_exactly(tokens: Path, tmp_path: Path, m
     train(cfg(tmp_path / "split", resume=True), MODEL)
     assert losses(tmp_path / "split" / "run") == losses(tmp_path / "whole" / "run")
     other = "adamw" if kind == "muon" else "muon"
-    with pytest.raises(UserError, match=f"resume it with --optimizer {kind}"):
-        Trainer(cfg(tmp_path / "split", resume=True, optimizer=other), MODEL, Dist(), torch.device("cpu"))
+    with pytest.raises(UserError, match=f"was trained with --optimizer {kind}, which a resumed run keeps"):
+        train(cfg(tmp_path / "split", resume=True, optimizer=other), MODEL, given={"optimizer"})
+
+
+# -- a resumed run keeps its settings ----------------------------------------------------------------------
+
+
+def test_a_resume_keeps_the_saved_settings_the_command_line_leaves_out(tokens: Path, tmp_path: Path) -> None:
+    """8 steps at --batch-size 4 in one go, or 4 then `--resume --max-steps 8` without the batch size: the
+    same losses (the resumed run used to take the default batch of 32)."""
+    base = ["--data", str(tokens), "--name", "run", "--device", "cpu", "--lr", "3e-3", "--warmup-steps", "3",
+            "--log-every", "1", "--eval-every", "100", "--eval-tokens", "1024", "--batch-size", "4", *MODEL_ARGS]
+    whole = run_face("03_train.py", *base, "--runs-dir", str(tmp_path / "whole"), "--max-steps", "8")
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    first = run_face("03_train.py", *base, "--runs-dir", str(tmp_path / "split"), "--max-steps", "4")
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = run_face("03_train.py", "--runs-dir", str(tmp_path / "split"), "--name", "run", "--resume",
+                     "--max-steps", "8")
+    assert again.returncode == 0, again.stdout + again.stderr
+    out = " ".join(again.stdout.split())
+    assert "= 4 x 32" in out and "resuming at step 4" in out, out
+    assert "saved settings but --max-steps 4 -> 8" in out and "differs from an uninterrupted" not in out, out
+    assert losses(tmp_path / "split" / "run") == losses(tmp_path / "whole" / "run")
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--batch-size", "8", "4 sequences per step and would resume on 8 (--batch-size 8 x 1 process(es))"),
+    ("--seed", "7", "--seed 1337, which a resumed run keeps"),
+    ("--preset", "small", "--preset tiny, which a resumed run keeps"),
+    ("--optimizer", "muon", "--optimizer adamw, which a resumed run keeps"),
+    ("--recipe", "cpu", "--recipe , which a resumed run keeps"),
+    ("--n-layer", "3", "--n-layer 2; a resumed run keeps its model"),
+    ("--no-tie-embeddings", None, "--tie-embeddings; a resumed run keeps its model"),
+    ("--total-batch-tokens", "256", "4 sequences per step and would resume on 8"),
+])
+def test_a_resume_refuses_what_would_change_the_batch_the_model_or_the_data(tokens: Path, tmp_path: Path, option: str,
+                                                                          value: str | None, fragment: str) -> None:
+    runs = tmp_path / "runs"
+    train(train_cfg(tokens, runs, batch_size=4, max_steps=2), MODEL)
+    args = ["--runs-dir", str(runs), "--name", "run", "--resume", option, *([value] if value else [])]
+    assert_user_error(run_face("03_train.py", *args), fragment)
+    # the same value as the run's is no change, and no refusal
+    same = {"--batch-size": "4", "--seed": "1337", "--n-layer": "2"}
+    if option in same:
+        proc = run_face("03_train.py", "--runs-dir", str(runs), "--name", "run", "--resume", option, same[option],
+                        "--max-steps", "3")
+        assert proc.returncode == 0 and "saved settings but" in proc.stdout and option not in proc.stdout.split(
+            "saved settings but")[1].splitlines()[0], proc.stdout + proc.stderr
+
+
+def test_a_resume_may_change_budgets_cadence_and_retune_and_says_so(tokens: Path, tmp_path: Path) -> None:
+    """Budgets and cadence change quietly beside the saved run; --batch-size may change where
+    --total-batch-tokens keeps the batch (the accumulation follows); --weight-decay reaches the optimizer
+    (a state loaded from disk carries its own); other token data is refused."""
+    runs = tmp_path / "runs"
+    train(train_cfg(tokens, runs, batch_size=4, total_batch_tokens=256, max_steps=4, max_epochs=0.1), MODEL)
+    steps = json.loads((runs / "run" / "last" / "config.json").read_text())["train"]["max_steps"]
+    assert steps == 4  # the epochs allow more (0.1 x 34k tokens / 256 = 14 steps)
+    proc = run_face("03_train.py", "--runs-dir", str(runs), "--name", "run", "--resume", "--max-steps", "40",
+                    "--eval-every", "3", "--batch-size", "2", "--weight-decay", "0.01", "--no-compile")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert ("saved settings but --compile -> --no-compile, --batch-size 4 -> 2, --max-steps 4 -> 40, --weight-decay "
+            "0.1 -> 0.01, --eval-every 10 -> 3") in out, out
+    assert "differs from an uninterrupted one" in out and "= 8 x 32 (4 accumulation)" in out, out
+    saved = json.loads((runs / "run" / "last" / "config.json").read_text())
+    assert saved["train"]["max_steps"] == 14 and saved["step"] == 14  # --max-epochs 0.1 still caps the new budget
+    assert [r["step"] for r in metrics(runs / "run") if "val_loss" in r][-2:] == [12, 14]
+    state = torch.load(runs / "run" / "last" / "optimizer.pt", weights_only=True)
+    assert state["param_groups"][0]["weight_decay"] == 0.01
+    # another tokenization of the same text is other data
+    other = build(TokenizerConfig(data=str(tokens.parent), vocab_size=300, out=str(tmp_path / "bpe300"))).out
+    assert_user_error(run_face("03_train.py", "--runs-dir", str(runs), "--name", "run", "--resume", "--data",
+                               str(other), "--max-steps", "20"), "trained on other token data")
 
 
 def train_cmd(tokens: Path, runs: Path, *extra: str) -> list[str]:
@@ -401,17 +476,19 @@ def train_cmd(tokens: Path, runs: Path, *extra: str) -> list[str]:
             "--dropout", "0.1", *MODEL_ARGS, *extra]
 
 
-def start_and_stop(cmd: list[str], sig: int, after_step: int) -> subprocess.Popen:
-    """Start a training process and send it `sig` once it has logged `after_step`."""
+def start_and_stop(cmd: list[str], sig: int, after_step: int) -> tuple[subprocess.Popen, str]:
+    """Start a training process and send it `sig` once it has logged `after_step`; returns it and its output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
+    seen = []
     for line in proc.stdout:
+        seen.append(line)
         if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= after_step:
             proc.send_signal(sig)
             break
-    proc.communicate(timeout=120)
-    return proc
+    rest, _ = proc.communicate(timeout=120)
+    return proc, "".join(seen) + rest
 
 
 @pytest.fixture(scope="module")
@@ -429,7 +506,7 @@ def test_interrupted_then_resumed_run_logs_identical_losses(tokens: Path, tmp_pa
                                                            whole_run: Path) -> None:
     """Dropout on, so the RNG state matters too. SIGINT saves on the spot; SIGKILL loses up to 5 steps."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    stopped = start_and_stop(train_cmd(tokens, tmp_path / "split"), sig, after_step=23)
+    stopped, _ = start_and_stop(train_cmd(tokens, tmp_path / "split"), sig, after_step=23)
     if sig == signal.SIGINT:
         assert stopped.returncode == 0
     partial = losses(tmp_path / "split" / "run")
@@ -438,6 +515,28 @@ def test_interrupted_then_resumed_run_logs_identical_losses(tokens: Path, tmp_pa
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming at step" in resumed.stdout
     assert losses(tmp_path / "split" / "run") == losses(whole_run)  # exactly, every step
+
+
+@pytest.mark.slow
+def test_the_resume_command_a_recipe_run_prints_reproduces_it(tokens: Path, tmp_path: Path) -> None:
+    """The pipeline's way to train (--recipe cpu: batch 16, warmup 50, evaluations every 300 steps, a time
+    budget), Ctrl-C past the warmup, then the command the run printed, as it is: the losses of every step
+    equal the uninterrupted run's."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    cmd = [sys.executable, str(ROOT / "03_train.py"), "--data", str(tokens), "--name", "run", "--device", "cpu",
+           "--recipe", "cpu", "--max-steps", "80", "--log-every", "1", "--eval-tokens", "2048", *MODEL_ARGS]
+    whole = subprocess.run([*cmd, "--runs-dir", str(tmp_path / "whole")], env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    stopped, out = start_and_stop([*cmd, "--runs-dir", str(tmp_path / "split")], signal.SIGINT, after_step=60)
+    assert stopped.returncode == 0, out
+    [printed] = [ln.split("Resume with: ", 1)[1] for ln in out.splitlines() if "Resume with: " in ln]
+    argv = shlex.split(printed)
+    assert argv[:2] == ["python", "03_train.py"] and "--batch-size" not in argv, argv
+    resumed = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "= 16 x 32" in resumed.stdout and "saved settings but" not in resumed.stdout, resumed.stdout
+    split, uninterrupted = losses(tmp_path / "split" / "run"), losses(tmp_path / "whole" / "run")
+    assert 60 < min(k for k in split if k > 60) and split == uninterrupted
 
 
 @pytest.mark.slow
