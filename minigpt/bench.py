@@ -6,7 +6,8 @@ Every figure is measured here, on random weights of a preset's shape or on a tra
   p50/p95 at batch 1 (streamed), and tokens/s at batch 1, 8 and 32, for each decode mode in
   DECODE_MODES (the CUDA-graph ones on CUDA);
 - data: batches/s and tokens/s from the memmap shards, tokenizer encode MB/s;
-- with --profile DIR: torch.profiler traces and top-operator tables of training steps and of decoding.
+- with --profile DIR: torch.profiler traces and top-operator tables of training steps and of decoding;
+- with --serve URL: a running server's throughput, latency and time to first token under load.
 MFU is against the device's bf16 dense peak from a table, or a measured matmul rate when unknown.
 """
 
@@ -14,12 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
 import itertools
+import json
+import math
 import platform
 import resource
 import statistics
 import time
+import urllib.parse
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -406,3 +412,88 @@ def bench_table(r: dict[str, Any]) -> Group:
             ("batches / s", "batches_per_s", "{:,.0f}"), ("tokens / s", "tokens_per_s", "{:,.0f}"),
             ("tokenizer encode MB/s", "encode_mb_per_s", "{:.2f}")]))
     return Group(*parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# a running server under load (minigpt bench --serve URL): an HTTP client of its own, no serve extra needed
+
+LOAD_PROMPTS = ["def main():", "The", "import os\n", "Әнием", "class Config:", "Москва", "# ", "for i in range("]
+
+
+def completions_url(url: str) -> tuple[type[http.client.HTTPConnection], str, int, str]:
+    """(connection class, host, port, path of /v1/completions) of a server's address, given as its root
+    (`http://host:port`) or as the base URL OpenAI clients take (`.../v1`), over http or https."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+        raise UserError(f"--serve takes a server's address, like http://127.0.0.1:8000 (or its /v1), not {url!r}.")
+    https = parts.scheme == "https"
+    path = parts.path.rstrip("/").removesuffix("/v1/completions").removesuffix("/v1") + "/v1/completions"
+    return (http.client.HTTPSConnection if https else http.client.HTTPConnection, parts.hostname,
+            port or (443 if https else 80), path)
+
+
+def _timed_completion(url: str, prompt: str, new_tokens: int, api_key: str) -> tuple[float, float, int]:
+    """(seconds to the first text, seconds in all, tokens) of one streamed completion, read as SSE."""
+    connection, host, port, path = completions_url(url)
+    conn = connection(host, port, timeout=600)
+    body = json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0.8, "stream": True,
+                       "ignore_eos": True, "stream_options": {"include_usage": True}})
+    headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {api_key}"} if api_key else {})
+    t0, first, tokens, last = time.perf_counter(), None, 0, ""
+    try:
+        conn.request("POST", path, body, headers)
+        response = conn.getresponse()
+        if response.status != 200:
+            raise UserError(f"{url} answered {response.status}: {response.read(300).decode(errors='replace')}")
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            last = line
+            if line == "data: [DONE]":
+                break
+            chunk = json.loads(line[6:])
+            if first is None and any(c.get("text") for c in chunk.get("choices", [])):
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    finally:
+        conn.close()
+    if last != "data: [DONE]":
+        raise UserError(f"a stream from {url} ended before data: [DONE].")
+    return (first or time.perf_counter()) - t0, time.perf_counter() - t0, tokens
+
+
+def load_bench(url: str, clients: int, new_tokens: int, api_key: str = "") -> dict[str, Any]:
+    """The same `clients` streamed requests to a running server, one at a time and then all at once:
+    throughput, latency and time to first token (p50, p95) of each way."""
+    prompts = [LOAD_PROMPTS[i % len(LOAD_PROMPTS)] for i in range(clients)]
+    try:
+        _timed_completion(url, prompts[0], 2, api_key)  # warm-up, and the address checked
+    except OSError as e:
+        raise UserError(f"cannot reach a server at {url} ({e}); start one with minigpt serve.") from None
+
+    def summary(results: list[tuple[float, float, int]], seconds: float) -> dict[str, float]:
+        total, ttft = sorted(r[1] for r in results), sorted(r[0] for r in results)
+        tokens = sum(r[2] for r in results)
+        return {"seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
+                "latency_p50_s": round(statistics.median(total), 3), "latency_p95_s": round(_p95(total), 3),
+                "ttft_p50_s": round(statistics.median(ttft), 3), "ttft_p95_s": round(_p95(ttft), 3)}
+
+    t0 = time.perf_counter()
+    alone = [_timed_completion(url, p, new_tokens, api_key) for p in prompts]
+    one_by_one = summary(alone, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        together = list(pool.map(lambda p: _timed_completion(url, p, new_tokens, api_key), prompts))
+    at_once = summary(together, time.perf_counter() - t0)
+    return {"url": url, "clients": clients, "new_tokens": new_tokens, "one_by_one": one_by_one, "at_once": at_once,
+            "speedup": round(at_once["tokens_per_s"] / one_by_one["tokens_per_s"], 2)}
+
+
+def _p95(sorted_values: list[float]) -> float:
+    return sorted_values[min(len(sorted_values) - 1, math.ceil(0.95 * len(sorted_values)) - 1)]

@@ -19,7 +19,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .bench import bench_table, run_bench
+from .bench import bench_table, load_bench, run_bench
 from .checkpoint import Loaded, load_run, run_info
 from .config import (
     RECIPE_OPTIONS,
@@ -36,11 +36,12 @@ from .config import (
     with_recipe,
 )
 from .data import parse_tags
+from .engine import TextStream
 from .evaluate import eval_run
 from .export import export_run
 from .generate import default_mode, generate, generate_many
 from .quantize import quantize_run
-from .serve import load_bench, serve_run
+from .serve import serve_run
 from .utils import UserError, atomic_open, console, err_console, human_bytes, resolve_device, rule
 
 # --------------------------------------------------------------------------------------------------
@@ -166,32 +167,25 @@ def write_json_line(result: dict[str, Any], path: str) -> None:
 
 
 class Streamer:
-    """Prints row 0's text as tokens arrive, holding back a character cut in the middle of its bytes.
-
-    Only the tokens not yet printed are decoded (both tokenizers decode token by token into bytes, so
-    a suffix that starts on a whole character decodes on its own): linear in the sample's length.
-    """
+    """Prints row 0's text as tokens arrive (`engine.TextStream`: a character cut in the middle of its bytes
+    waits for the rest; only new tokens are decoded), leaving out the end token."""
 
     def __init__(self, loaded: Loaded) -> None:
-        self.loaded, self.pending = loaded, []
+        self.eot, self.text = loaded.eot, TextStream(loaded.decode, [])
 
     def __call__(self, token: int) -> None:
-        if token == self.loaded.eot:
-            return
-        self.pending.append(token)
-        text = self.loaded.decode(self.pending)
-        if not text.endswith("\ufffd"):
-            self.write(text)
-
-    def write(self, text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        self.pending = []
+        if token != self.eot:
+            self.write(self.text.push(token))
 
     def flush(self) -> None:
         """Whatever is still held back (bytes that never became a character) at the end."""
-        if self.pending:
-            self.write(self.loaded.decode(self.pending))
+        self.write(self.text.finish())
+
+    @staticmethod
+    def write(text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
 
 
 @app.command("generate")

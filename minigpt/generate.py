@@ -1,4 +1,5 @@
-"""Text generation: sampling rules, the fast path, and the plain reference path it is tested against.
+"""Text generation: the fast path for a fixed batch, and the plain reference path it is tested against.
+The sampling rules and the row-slide rule are the engine's (`minigpt/engine.py`), shared with the server.
 
 Both paths return the new token ids of each row, stopping a row at <|endoftext|>. `generate` runs rows
 that share one prompt (several samples at once); `generate_many` runs several prompts in one batch.
@@ -20,11 +21,11 @@ has ended.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from .config import GREEDY_BELOW, Sampling
+from .config import Sampling
+from .engine import draw_noise, next_token, slide
 from .model import GPT, KVCache, activation_dtype
 from .utils import UserError, console
 
@@ -42,84 +43,6 @@ DECODE_MODES = {
 def default_mode(device: torch.device) -> str:
     """The decode mode `minigpt generate` uses on `device`: a CUDA graph where there are CUDA graphs."""
     return "graph" if device.type == "cuda" else "cache"
-
-
-def next_token(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
-    """One token per row from (rows, vocab) logits: penalty, then temperature, then top-k and top-p (both
-    judged on the tempered distribution), then a draw.
-
-    `noise` holds Exp(1) random numbers of the logits' shape (unused when greedy): argmax(p / noise) is a
-    draw from p (the exponential race, the same trick `torch.multinomial` uses), with no host sync.
-    """
-    logits = logits.float()
-    if s.repetition_penalty != 1.0 and seen is not None:
-        # CTRL-style: make tokens already present less likely, whatever the sign of their logit
-        penalised = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if s.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / s.temperature
-    if s.top_k:
-        kth = torch.topk(logits, min(s.top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > s.top_p  # keep the smallest prefix that reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    assert noise is not None, "sampling needs noise"
-    return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
-
-
-@dataclass
-class RowSampling:
-    """Sampling settings of each row's own, as (rows,) tensors, for a batch whose rows belong to different
-    requests (the server's). The host-side flags say which rules any row uses, so that a batch of plain
-    requests skips the sort and the top-k; they never change a row's token."""
-
-    temperature: torch.Tensor
-    top_k: torch.Tensor  # long; 0: off
-    top_p: torch.Tensor
-    repetition_penalty: torch.Tensor
-    max_k: int = 0  # the largest top_k of any row (0: no row uses top-k)
-    any_top_p: bool = False
-    any_sampled: bool = True  # some row samples (else every row is greedy: no noise needed)
-
-
-def next_token_rows(logits: torch.Tensor, s: RowSampling, seen: torch.Tensor | None,
-                    noise: torch.Tensor | None) -> torch.Tensor:
-    """`next_token` with each row's own settings: the same rules in the same order, so each row gets the
-    token `next_token` gives it alone with its settings and its noise (tested). `seen` is None when no
-    row has a repetition penalty; `noise` is None when every row is greedy."""
-    logits = logits.float()
-    if seen is not None:
-        pen = s.repetition_penalty[:, None]
-        penalised = torch.where(logits > 0, logits / pen, logits * pen)
-        logits = torch.where(seen, penalised, logits)
-    greedy = logits.argmax(dim=-1)
-    if noise is None or not s.any_sampled:
-        return greedy
-    sampled_rows = s.temperature >= GREEDY_BELOW  # the others are greedy, as `Sampling.greedy` says
-    t = s.temperature[:, None]
-    logits = logits / torch.where(sampled_rows[:, None], t, torch.ones_like(t))  # greedy rows: from `greedy`
-    if s.max_k:
-        k = s.top_k.clamp(1, min(s.max_k, logits.size(-1)))[:, None]
-        kth = torch.topk(logits, min(s.max_k, logits.size(-1)), dim=-1).values.gather(1, k - 1)
-        logits = logits.masked_fill((s.top_k > 0)[:, None] & (logits < kth), float("-inf"))
-    if s.any_top_p:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = (probs.cumsum(dim=-1) - probs > s.top_p[:, None]) & (s.top_p < 1)[:, None]
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    sampled = (logits.softmax(dim=-1) / noise).argmax(dim=-1)
-    return torch.where(sampled_rows, sampled, greedy)
-
-
-def draw_noise(shape: tuple[int, int], device: torch.device, gen: torch.Generator | None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """Exp(1) numbers for `next_token`: the one random draw per generated token, shared by both paths."""
-    out = torch.empty(shape, device=device) if out is None else out
-    return out.exponential_(generator=gen)
 
 
 def _check_prompts(prompts: list[list[int]]) -> None:
@@ -229,7 +152,6 @@ class Decoder:
     ) -> None:
         device, vocab, T = next(model.parameters()).device, model.cfg.vocab_size, model.cfg.block_size
         self.model, self.s, self.eot, self.gen, self.max_new, self.rows = model, s, eot, gen, max_new, rows
-        self.keep = (3 * T + 3) // 4  # context a full row keeps when it slides (its newest token included)
         self.cache = KVCache(model.cfg, rows, T, device, activation_dtype(model))
         self.tok = torch.zeros(rows, dtype=torch.long, device=device)  # each row's newest token, not yet cached
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)  # the slot `tok` goes into, per row
@@ -335,20 +257,12 @@ class Decoder:
         self.produced += 1
 
     def _slide(self, full: list[int]) -> None:
-        """Rows with a full context keep its last `keep` tokens: the `keep - 1` before their newest token
-        are re-encoded from slot 0, and the next step puts the newest token after them."""
-        history = [torch.cat([self.prompts[r], self.out[r, : self.produced]])[-self.keep : -1] for r in full]
-        start = 0
-        while start < len(full):  # contiguous rows go through the model together
-            stop = start + 1
-            while stop < len(full) and full[stop] == full[stop - 1] + 1:
-                stop += 1
-            view = self.cache.rows(full[start], full[stop - 1] + 1)
-            self.model.prefill(torch.stack(history[start:stop]), view)
-            start = stop
-        self.pos.index_fill_(0, torch.tensor(full, device=self.pos.device), self.keep - 1)
+        """Rows with a full context go on from its last 3/4 (`engine.slide`)."""
+        contexts = [torch.cat([self.prompts[r], self.out[r, : self.produced]]) for r in full]
+        keep = slide(self.model, self.cache, full, contexts)
+        self.pos.index_fill_(0, torch.tensor(full, device=self.pos.device), keep)
         for r in full:
-            self.host_pos[r] = self.keep - 1
+            self.host_pos[r] = keep
 
     def run(self, prompts: list[list[int]], on_token: Callable[[int], None] | None = None) -> torch.Tensor:
         """Generate up to `max_new` tokens after one prompt per row; returns (rows, produced)."""

@@ -44,7 +44,10 @@ def int8_tensors(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def earlier_output(folder: Path) -> bool:
-    """Whether `folder` is a run that `minigpt quantize` wrote (its `best`, or the copy a crash left)."""
+    """Whether `folder` is a run that `minigpt quantize` wrote (its `best`, or the copy a crash left), or
+    what a quantize killed before its first checkpoint was in place left (`.best.tmp` alone)."""
+    if [p.name for p in folder.iterdir()] == [".best.tmp"]:
+        return True
     for tag in ("best", ".best.old"):
         with contextlib.suppress(UserError, AttributeError):  # unreadable, or not a JSON object
             if read_json(folder / tag / "config.json", "checkpoint config").get("quantization"):

@@ -275,7 +275,7 @@ class Optimizers:
         if saved != self.kind:
             raise UserError(f"{source} was trained with --optimizer {saved}; resume it with --optimizer {saved}.")
         # a state keeps its own settings (betas, weight decay, momentum, kernel flags: saved on another device
-        # perhaps): this run's, which a resume may have retuned, go back in
+        # perhaps): this run's, which a resume may have changed, go back in
         settings = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         if saved == "adamw":
             self.adamw.load_state_dict(state)
@@ -300,14 +300,16 @@ def accumulation(cfg: TrainConfig, block_size: int, world: int) -> tuple[int, in
     return rows, rows // per_micro
 
 
-# --resume continues a run with the settings it was saved with. An option given again may change what leaves
-# the run itself alone (budgets, cadence, where and how fast it runs) or retune the optimisation (said to part
-# from an uninterrupted run); one that would change the batch, the model or the data stream is refused.
-ADJUSTABLE = frozenset({"max_steps", "max_minutes", "max_epochs", "patience", "log_every", "eval_every", "eval_tokens",
-                        "sample_every", "save_every", "max_bad_steps", "device", "dtype", "compile", "compile_mode",
-                        "grad_checkpoint", "data", "batch_size", "total_batch_tokens"})  # the batch: checked below
-RETUNABLE = frozenset({"lr", "muon_lr", "schedule", "warmup_steps", "cooldown", "min_lr_ratio", "weight_decay", "beta1",
-                       "beta2", "grad_clip", "muon_momentum"})
+# --resume continues a run with the settings it was saved with. An option given again may change the cadence
+# (the losses stay those of an uninterrupted run), or the budgets, the device, precision and compilation, and the
+# optimisation (from there the losses differ, and the log says so); one that would change the batch, the model
+# or the data stream is refused.
+KEEPS_LOSSES = frozenset({"log_every", "eval_every", "eval_tokens", "sample_every", "save_every", "patience",
+                          "max_bad_steps", "grad_checkpoint", "data"})  # data: the same tokens at another path
+CHANGES_LOSSES = frozenset({"max_steps", "max_minutes", "max_epochs", "device", "dtype", "compile", "compile_mode",
+                            "batch_size", "total_batch_tokens", "lr", "muon_lr", "schedule", "warmup_steps",
+                            "cooldown", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
+                            "muon_momentum"})  # the budgets move the schedule's decay; a batch must stay (below)
 NAMING = frozenset({"name", "runs_dir", "resume"})  # find the run: never compared
 SAVED_BEFORE = {"schedule": "cosine"}  # a run saved before a setting existed trained with this value of it
 
@@ -317,6 +319,8 @@ def flag(name: str, value: Any) -> str:
     option = "--" + name.replace("_", "-")
     if isinstance(value, bool):
         return option if value else "--no-" + option[2:]
+    if value == "":
+        return "no " + option
     return f"{option} {value:g}" if isinstance(value, float) else f"{option} {value}"
 
 
@@ -331,9 +335,9 @@ class Resumed:
     state: dict[str, Any]  # its trainer_state.json
 
     @property
-    def retuned(self) -> bool:
-        """An optimisation setting changed: the losses from here differ from an uninterrupted run's."""
-        return bool(self.changed.keys() & RETUNABLE)
+    def departs(self) -> bool:
+        """A change that makes the losses from here differ from an uninterrupted run's."""
+        return bool(self.changed.keys() & CHANGES_LOSSES)
 
     def describe(self) -> str:
         def value(name: str, v: Any) -> str:
@@ -382,10 +386,12 @@ def resumed_config(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] 
         old = before[f.name]
         if f.name == "lr" and not now:
             now = auto_lr(model)  # sized to the width, as it was at the start
-        if f.name not in given or now == old or (f.name == "data" and Path(now).resolve() == Path(old).resolve()):
+        # the data as given at the start (a dataset folder) or as saved (the token folder inside it) is no change
+        same_data = f.name == "data" and Path(now).resolve() in (Path(old).resolve(), Path(old).resolve().parent)
+        if f.name not in given or now == old or same_data:
             values[f.name] = old
             continue
-        if f.name not in ADJUSTABLE | RETUNABLE:
+        if f.name not in KEEPS_LOSSES | CHANGES_LOSSES:
             raise UserError(f"{run} was trained with {flag(f.name, old)}, which a resumed run keeps (it makes the "
                             f"batch, the model or the data stream); leave {flag(f.name, now).split()[0]} out, or "
                             "train a new run under another --name.")
@@ -544,9 +550,10 @@ class Trainer:
             self.cfg = cfg = dataclasses.replace(cfg, lr=auto_lr(model.cfg))
         if resumed is not None and resumed.changed and d.main:
             console.print(f"resuming with the run's saved settings but {resumed.describe()}", highlight=False)
-            if resumed.retuned:
-                console.print("[yellow]the optimisation changed: from here the run differs from an uninterrupted "
-                              "one[/]", highlight=False)
+            if resumed.departs:
+                console.print("[yellow]from here the run differs from an uninterrupted one (a budget moves the "
+                              "schedule's decay; precision, compilation and the optimisation change the numbers)[/]",
+                              highlight=False)
         self.max_steps_asked = cfg.max_steps
         if cfg.max_epochs:  # the step budget in epochs: the schedule then ends where the epochs do
             rows, _ = accumulation(cfg, model.cfg.block_size, d.world)
@@ -652,10 +659,12 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.sampler.set_state(state["sampler"])
         rank = self.d.rank
-        torch.set_rng_state(torch.tensor(state["torch_rng"][rank % len(state["torch_rng"])], dtype=torch.uint8))
-        if self.device.type == "cuda" and state.get("cuda_rng"):
-            cuda_rng = state["cuda_rng"][rank % len(state["cuda_rng"])]
-            torch.cuda.set_rng_state(torch.tensor(cuda_rng, dtype=torch.uint8), self.device)
+        if rank >= len(state["torch_rng"]):  # more processes than saved (the batch kept): a stream of its own
+            torch.manual_seed(self.cfg.seed + rank + 7919 * state["step"])
+            return
+        torch.set_rng_state(torch.tensor(state["torch_rng"][rank], dtype=torch.uint8))
+        if self.device.type == "cuda" and rank < len(state.get("cuda_rng") or []):
+            torch.cuda.set_rng_state(torch.tensor(state["cuda_rng"][rank], dtype=torch.uint8), self.device)
 
     def _wrap(self, model: GPT) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(the model evaluation runs, the model training runs): compiled as `compile_plan` says, and under
@@ -1003,7 +1012,7 @@ class Trainer:
 
     def finish(self, stop: Stop, last_eval: Score | None) -> dict[str, Any]:
         """The summary (and, on the main process, the loss plot and what to do next)."""
-        cfg, step = self.cfg, self.step
+        step = self.step
         summary = {
             "run": str(self.run_dir), "steps": step, "stop_reason": stop.reason,
             "best_val_loss": self.best, "best_val_bpb": self.best_bpb,
@@ -1014,15 +1023,14 @@ class Trainer:
         }
         if self.d.main:
             _plot(self.metrics_path, self.run_dir / "loss.png")
-            # the run's saved settings come back with it: naming the run is all a resume needs
-            resume = shlex.join(["python", "03_train.py", "--runs-dir", cfg.runs_dir, "--name", self.name, "--resume"])
+            resume = resume_command(self.run_dir, self.d.world)
             if stop.interrupted:
                 console.print(f"[yellow]interrupted at step {step}; saved {escape(str(self.run_dir))}/last. Resume with: "
-                              f"{escape(resume)}[/]")
+                              f"{escape(resume)}[/]", soft_wrap=True)  # one line a user can copy whole
             if stop.failed:
                 console.print(f"[bold red]stopped: {stop.reason}. The last good checkpoint is in "
                               f"{escape(str(self.run_dir))}/last; resume it with a lower --lr or with --dtype fp32: "
-                              f"{escape(resume)}[/]")
+                              f"{escape(resume)}[/]", soft_wrap=True)
         return summary
 
     def _print_header(self) -> None:
@@ -1037,6 +1045,15 @@ class Trainer:
             f"tokens/step = {self.rows_per_step} x {mcfg.block_size} ({self.accum} accumulation) | run {self.run_dir}"
             + (f" | resuming at step {self.start_step}" if self.start_step else "")
         )
+
+
+def resume_command(run_dir: Path, world: int) -> str:
+    """The command that resumes `run_dir`: its saved settings come back with it, so naming the run is all it
+    takes (--resume first: a paste cut short then fails instead of starting the run over)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = [f"--nnodes={world // per_node}"] if world > per_node else []  # and the rendezvous it started with
+    script = ["python"] if world == 1 else ["torchrun", *nodes, f"--nproc_per_node={per_node}"]
+    return shlex.join([*script, "03_train.py", "--resume", "--runs-dir", str(run_dir.parent), "--name", run_dir.name])
 
 
 def _gather(t: torch.Tensor, world: int) -> list[Any]:

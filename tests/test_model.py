@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from minigpt.config import ModelConfig, Sampling, model_config
-from minigpt.generate import (
-    Decoder,
-    draw_noise,
-    generate,
-    generate_many,
-    generate_reference,
-    next_token,
-)
+from minigpt.engine import draw_noise, next_token, slide_keep
+from minigpt.generate import Decoder, generate, generate_many, generate_reference
 from minigpt.model import GPT, KVCache
 from minigpt.utils import UserError
 
@@ -83,7 +77,7 @@ def test_every_decode_step_gives_the_logits_of_its_window() -> None:
         out = dec.run(prompts).tolist()
     finally:
         del model.decode, model.prefill
-    keep = dec.keep
+    keep = slide_keep(T)
     assert keep == 36 and len(captured) == 70
     for row, prompt in enumerate(prompts):
         seq = prompt + out[row]

@@ -24,7 +24,7 @@ from minigpt.model import (
     set_inference_dtype,
     to_int8,
 )
-from minigpt.quantize import int8_tensors
+from minigpt.quantize import earlier_output, int8_tensors
 from minigpt.tokenizer import build
 from minigpt.train import train
 from minigpt.utils import sha256_file
@@ -153,6 +153,10 @@ def test_quantize_never_writes_over_a_run(run: Path, tmp_path: Path) -> None:
                               fragment)
     assert {p: sha256_file(p) for p in run.rglob("*") if p.is_file()} == before
     assert load_run(other, "best").config.get("quantization") is None
+    # what a quantize killed before its first checkpoint was in place leaves is its own: --force replaces it
+    killed = tmp_path / "killed"
+    (killed / ".best.tmp").mkdir(parents=True)
+    assert earlier_output(killed) and not earlier_output(other)
 
 
 def test_bf16_inference_for_float_and_int8_models(run: Path) -> None:

@@ -1,6 +1,5 @@
-"""minigpt serve: the per-row sampler, the text stream, the engine against plain generation, and the server
-over real HTTP on 127.0.0.1, driven by the clients people use (the openai package, raw HTTP and SSE, a
-browser)."""
+"""minigpt serve over real HTTP on 127.0.0.1, driven by the clients people use (the openai package, raw
+HTTP and SSE, a browser). The engine's own tests, with no server, are in test_engine.py."""
 
 from __future__ import annotations
 
@@ -17,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import ENGLISH, MODEL, ROOT, TATAR, assert_user_error, run_cli, train_cfg
 
+from minigpt.bench import completions_url, load_bench
 from minigpt.checkpoint import load_run
 from minigpt.config import PrepareConfig, Sampling, TokenizerConfig
 from minigpt.corpus import prepare
-from minigpt.generate import RowSampling, generate, next_token, next_token_rows
-from minigpt.serve import Engine, Sequence, TextStream, completions_url, host_names, host_of, load_bench
+from minigpt.generate import generate
+from minigpt.serve import host_names, host_of
 from minigpt.tokenizer import build
 from minigpt.train import train
 
@@ -34,64 +33,6 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GREEDY = Sampling(temperature=0.0)
-
-
-# --------------------------------------------------------------------------------------------------
-# the parts
-
-
-def test_next_token_rows_gives_each_row_what_next_token_gives_it_alone() -> None:
-    """Rows with different settings in one batch: each gets exactly the token the one-setting sampler gives
-    it with the same noise (temperatures that are powers of two keep the division exact). Twice: every rule
-    in use, and a batch whose flags let the sampler skip top-k, top-p and the penalty."""
-    torch.manual_seed(0)
-    mixed = [Sampling(0.0), Sampling(1.0), Sampling(0.5, top_k=5), Sampling(2.0, top_p=0.6),
-             Sampling(1.0, top_k=3, top_p=0.9, repetition_penalty=1.3), Sampling(0.0, repetition_penalty=2.0),
-             Sampling(1.0, top_p=0.3), Sampling(1e-40)]
-    plain = [Sampling(0.0), Sampling(1.0), Sampling(0.5), Sampling(4.0)]
-    vocab = 50
-    for settings in (mixed, plain):
-        rows = len(settings)
-        for trial in range(20):
-            logits = torch.randn(rows, vocab) * 3
-            seen = torch.rand(rows, vocab) < 0.2
-            noise = torch.empty(rows, vocab).exponential_()
-            s = RowSampling(torch.tensor([x.temperature for x in settings]), torch.tensor([x.top_k for x in settings]),
-                            torch.tensor([x.top_p for x in settings]),
-                            torch.tensor([x.repetition_penalty for x in settings]),
-                            max_k=max(x.top_k for x in settings), any_top_p=any(x.top_p < 1 for x in settings),
-                            any_sampled=True)
-            penalised = any(x.repetition_penalty != 1 for x in settings)
-            got = next_token_rows(logits, s, seen if penalised else None, noise)
-            want = [int(next_token(logits[r : r + 1], x, seen[r : r + 1], noise[r : r + 1]))
-                    for r, x in enumerate(settings)]
-            assert got.tolist() == want, (trial, settings)
-            if settings is mixed:  # a temperature below the floor is greedy, not NaN
-                assert want[-1] == int(logits[-1].argmax())
-
-
-def test_text_stream_holds_back_split_characters_and_stop_strings() -> None:
-    """Tokens are bytes here: a Cyrillic letter comes in two tokens, a stop string across several."""
-
-    def decode(ids: list[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
-
-    def run(text: str, stops: list[str]) -> tuple[list[str], str, bool]:
-        ts = TextStream(decode, stops)
-        pieces = [ts.push(b) for b in text.encode()]
-        pieces.append(ts.finish())
-        return pieces, ts.completion, ts.stopped
-
-    pieces, completion, stopped = run("Сәлам, дөнья! END more", ["END"])
-    assert completion == "Сәлам, дөнья! " and stopped and "".join(pieces) == completion
-    assert all("\ufffd" not in p for p in pieces)
-    assert pieces[1] == "С"  # sent as soon as its second byte came, not held for the stop string
-    pieces, completion, stopped = run("abc EN", ["END"])  # a stop string's start at the end is text after all
-    assert completion == "abc EN" and not stopped and pieces[-1] == "EN"
-    pieces, completion, _ = run("xx\n\nyy", ["\n\n", "yy"])  # the earliest stop wins
-    assert completion == "xx"
-    _, completion, stopped = run("ENDING", ["ING", "END"])
-    assert completion == "" and stopped
 
 
 @pytest.fixture(scope="module")
@@ -168,76 +109,6 @@ def reference(served: dict, prompt: str, max_new: int, tags: dict | None = None)
     loaded = served["loaded"]
     ids, _ = loaded.prompt(prompt, tags)
     return loaded.decode([t for t in generate(loaded.model, ids, max_new, GREEDY, eot=loaded.eot)[0]])
-
-
-def run_engine(loaded, seqs: list[tuple[list[int], int, Sampling]], slots: int, seed: int | None = None,
-               stagger: bool = False) -> tuple[list, dict, list]:
-    """Submit (ids, max_new, sampling) sequences (sequence i seeded with seed + i when `seed` is given); all at
-    once before the engine starts, or (`stagger`) one by one while it runs, so that some join a running
-    batch. Returns their tokens, finish reasons, and the order in which their first tokens came."""
-    got: list[list[int]] = [[] for _ in seqs]
-    ends: dict[int, str] = {}
-    order: list[int] = []
-    done = threading.Event()
-
-    def emitter(i: int):
-        def emit(tok: int | None, reason: str | None) -> None:
-            if tok is not None:
-                if not got[i]:
-                    order.append(i)
-                got[i].append(tok)
-            else:
-                ends[i] = reason
-                if len(ends) == len(seqs):
-                    done.set()
-        return emit
-
-    engine = Engine(loaded, slots=slots, max_queue=len(seqs))
-    made = [Sequence(ids, n, s, None if seed is None else seed + i, emitter(i)) for i, (ids, n, s) in enumerate(seqs)]
-    if not stagger:
-        engine.submit(made)
-    engine.start()
-    try:
-        for i, seq in enumerate(made if stagger else []):
-            engine.submit([seq])
-            time.sleep(0.01 * (i % 3))  # some join a running batch, some arrive together
-        assert done.wait(60)
-    finally:
-        engine.close()
-    return got, ends, order
-
-
-def test_engine_joins_and_slides_give_every_sequence_its_lone_tokens(served: dict) -> None:
-    """Sequences of different lengths and sampling settings join the engine while others run (3 slots for 7
-    sequences), some run past the context (rows slide): each gets exactly the tokens plain generation gives
-    it alone with its seed (the same draws from the same generator, so sampled tokens must match too)."""
-    loaded = served["loaded"]
-    T = loaded.model.cfg.block_size
-    texts = [ENGLISH[:n] for n in (3, 40, 90, 10)] + [TATAR[:n] for n in (5, 60, 120)]
-    max_new = [70, 5, 12, 40, 3, 66, 20]
-    settings = [Sampling(1.0), GREEDY, Sampling(0.5, top_k=8), Sampling(1.0, top_p=0.8), Sampling(2.0),
-                Sampling(1.0, top_k=20, repetition_penalty=1.5), Sampling(0.0, repetition_penalty=2.0)]
-    seqs = [(loaded.prompt(t)[0], n, s) for t, n, s in zip(texts, max_new, settings, strict=True)]
-    got, ends, _ = run_engine(loaded, seqs, slots=3, seed=100, stagger=True)
-    assert sum(len(ids) + len(g) > T for (ids, _, _), g in zip(seqs, got, strict=True)) >= 2  # rows slid
-    for i, (ids, n, s) in enumerate(seqs):
-        want = generate(loaded.model, ids, n, s, eot=loaded.eot, seed=100 + i)[0]
-        assert got[i][: len(want)] == want, i
-        assert ends[i] == ("stop" if got[i][-1] == loaded.eot else "length"), i  # <|endoftext|> ends it, even last
-    assert sum(len(set(g)) for g in got) > 40  # varied text: a context mix-up would show
-
-
-def test_engine_serves_first_come_first_and_an_eot_at_the_limit_is_a_stop(served: dict) -> None:
-    loaded = served["loaded"]
-    ids = [loaded.prompt(t)[0] for t in ("", "The", "Әни", "Ш", ENGLISH + " 7")]  # the last: where documents end
-    got, ends, order = run_engine(loaded, [(i, 6, GREEDY) for i in ids], slots=1)
-    assert order == list(range(len(ids)))  # one slot: in the order they came
-    got, ends, _ = run_engine(loaded, [(i, 60, GREEDY) for i in ids], slots=2)
-    stopped = [(i, g.index(loaded.eot)) for i, g in enumerate(got) if loaded.eot in g]
-    assert stopped, "no greedy continuation ends; pick other prompts"
-    i, at = stopped[0]
-    got, ends, _ = run_engine(loaded, [(ids[i], at + 1, GREEDY)], slots=1)  # <|endoftext|> is its last token
-    assert got[0][-1] == loaded.eot and ends[0] == "stop"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,7 +329,9 @@ def test_only_the_hosts_the_address_implies_are_answered(served: dict) -> None:
         r = httpx.get(base + route, headers=AUTH | {"Host": f"evil.example:{port}"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed", route
         assert "--allowed-hosts evil.example" in r.json()["error"]["message"]
-    for name in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", f"[::1]:{port}"):
+    # the loopback names, and any address (a LAN client's 192.168.x.y: rebinding always comes under a name)
+    for name in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST", f"[::1]:{port}", f"192.168.1.20:{port}",
+                 "[fd00::2]"):
         assert httpx.get(base + "/health", headers={"Host": name}).status_code == 200, name
     assert host_names("127.0.0.1", ["evil.example"]) >= {"evil.example", "localhost", "127.0.0.1", "::1"}
     assert host_names("127.0.0.1", ["*"]) is None and "myhost" in host_names("myhost", [])
@@ -513,7 +386,7 @@ def test_a_load_that_fails_says_why(served: dict) -> None:
     """Not only a bad run: any failure while loading (here no memory for the slots) is reported, and the
     server stops instead of answering 503 'loading' for ever."""
     from minigpt.config import ServeConfig
-    from minigpt.serve import Server
+    from minigpt.jobs import Server
 
     server = Server(ServeConfig(run=str(served["run"]), device="cpu", max_batch=10**9), "", None)
     server.load()
@@ -557,7 +430,9 @@ def test_32_concurrent_clients_all_succeed_and_beat_one_at_a_time(served: dict, 
     assert completions_url("https://example.org/v1")[0].__name__ == "HTTPSConnection"
     assert_user_error(run_cli("bench", "--serve", served["base"].replace("http", "https"), "--clients", "1"),
                       "cannot reach", "ssl")  # TLS asked of a plain server
-    assert_user_error(run_cli("bench", "--serve", "127.0.0.1:8000"), "http://127.0.0.1:8000")
+    assert completions_url("http://h:8000/v1/completions")[1:] == ("h", 8000, "/v1/completions")
+    for bad in ("127.0.0.1:8000", "http://h:port"):
+        assert_user_error(run_cli("bench", "--serve", bad), "http://127.0.0.1:8000")
     assert_user_error(run_cli("bench", "--serve", f"http://127.0.0.1:{free_port()}"), "cannot reach")
     monkeypatch.setenv("MINIGPT_API_KEY", "wrong")
     assert_user_error(run_cli("bench", "--serve", served["base"], "--clients", "1"), "401")

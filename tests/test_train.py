@@ -60,6 +60,7 @@ from minigpt.train import (
     lr_at,
     orthogonalise,
     planned_steps,
+    resume_command,
     train,
 )
 from minigpt.utils import Dist, UserError
@@ -400,6 +401,13 @@ def test_a_run_stopped_by_ctrl_c_resumes_exactly(tokens: Path, tmp_path: Path, m
 # -- a resumed run keeps its settings ----------------------------------------------------------------------
 
 
+def test_the_printed_resume_command_names_the_run_and_its_processes(monkeypatch) -> None:
+    assert resume_command(Path("runs/exp/a b"), 1) == "python 03_train.py --resume --runs-dir runs/exp --name 'a b'"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resume_command(Path("/r/x"), 4).startswith("torchrun --nproc_per_node=4 03_train.py --resume")
+    assert resume_command(Path("/r/x"), 8).startswith("torchrun --nnodes=2 --nproc_per_node=4 03_train.py")
+
+
 def test_a_resume_keeps_the_saved_settings_the_command_line_leaves_out(tokens: Path, tmp_path: Path) -> None:
     """8 steps at --batch-size 4 in one go, or 4 then `--resume --max-steps 8` without the batch size: the
     same losses (the resumed run used to take the default batch of 32)."""
@@ -414,7 +422,8 @@ def test_a_resume_keeps_the_saved_settings_the_command_line_leaves_out(tokens: P
     assert again.returncode == 0, again.stdout + again.stderr
     out = " ".join(again.stdout.split())
     assert "= 4 x 32" in out and "resuming at step 4" in out, out
-    assert "saved settings but --max-steps 4 -> 8" in out and "differs from an uninterrupted" not in out, out
+    # a longer budget moves the schedule's decay, and the log says so (here it is still flat at step 4)
+    assert "saved settings but --max-steps 4 -> 8" in out and "differs from an uninterrupted" in out, out
     assert losses(tmp_path / "split" / "run") == losses(tmp_path / "whole" / "run")
 
 
@@ -423,7 +432,7 @@ def test_a_resume_keeps_the_saved_settings_the_command_line_leaves_out(tokens: P
     ("--seed", "7", "--seed 1337, which a resumed run keeps"),
     ("--preset", "small", "--preset tiny, which a resumed run keeps"),
     ("--optimizer", "muon", "--optimizer adamw, which a resumed run keeps"),
-    ("--recipe", "cpu", "--recipe , which a resumed run keeps"),
+    ("--recipe", "cpu", "no --recipe, which a resumed run keeps"),
     ("--n-layer", "3", "--n-layer 2; a resumed run keeps its model"),
     ("--no-tie-embeddings", None, "--tie-embeddings; a resumed run keeps its model"),
     ("--total-batch-tokens", "256", "4 sequences per step and would resume on 8"),
@@ -463,6 +472,11 @@ def test_a_resume_may_change_budgets_cadence_and_retune_and_says_so(tokens: Path
     assert [r["step"] for r in metrics(runs / "run") if "val_loss" in r][-2:] == [12, 14]
     state = torch.load(runs / "run" / "last" / "optimizer.pt", weights_only=True)
     assert state["param_groups"][0]["weight_decay"] == 0.01
+    # the cadence alone keeps the losses; the dataset folder given at the start is the same data
+    proc = run_face("03_train.py", "--runs-dir", str(runs), "--name", "run", "--resume", "--log-every", "7",
+                    "--data", str(tokens.parent))
+    out = " ".join(proc.stdout.split())
+    assert "saved settings but --log-every 1 -> 7" in out and "differs" not in out and "--data" not in out, out
     # another tokenization of the same text is other data
     other = build(TokenizerConfig(data=str(tokens.parent), vocab_size=300, out=str(tmp_path / "bpe300"))).out
     assert_user_error(run_face("03_train.py", "--runs-dir", str(runs), "--name", "run", "--resume", "--data",
