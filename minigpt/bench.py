@@ -34,12 +34,13 @@ from rich.console import Group
 from rich.table import Table
 
 from .checkpoint import load_run
+from .compilation import cpp_compiler
 from .config import BenchConfig, Sampling, TrainConfig, model_config
 from .corpus import iter_documents
 from .data import BatchSampler, TokenData, load_tokenizer
 from .generate import DECODE_MODES, Decoder, default_mode, generate_reference
 from .model import GPT
-from .train import Optimizers, cpp_compiler
+from .optim import Optimizers
 from .utils import (
     UserError,
     autocast,

@@ -26,7 +26,8 @@ from tokenizers import Tokenizer
 
 from .config import CHECKPOINTS, ModelConfig
 from .data import load_tokenizer, parse_tag, tag_ids_of, tag_token
-from .model import GPT, int8_matmul, set_inference_dtype, to_int8
+from .int8 import int8_matmul, set_inference_dtype, to_int8
+from .model import GPT
 from .utils import UserError, atomic_open, err_console, fsync_dir, read_json, sha256_file, write_json
 
 FORMAT_VERSION = 1

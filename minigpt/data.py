@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders
 
+from .config import TrainConfig
 from .utils import UserError, console, read_json
 
 EOT = "<|endoftext|>"
@@ -148,6 +149,20 @@ class TokenData:
                 f"the val split has {self.val.tokens} tokens, less than one context of {block_size}; "
                 "raise --val-fraction in 01_prepare_data.py or choose a smaller --block-size."
             )
+
+
+def accumulation(cfg: TrainConfig, block_size: int, world: int) -> tuple[int, int]:
+    """(rows per optimizer step across all processes, micro-steps per process)."""
+    per_micro = cfg.batch_size * world
+    if not cfg.total_batch_tokens:
+        return per_micro, 1
+    rows, rest = divmod(cfg.total_batch_tokens, block_size)
+    if rest or rows % per_micro:
+        raise UserError(
+            f"--total-batch-tokens {cfg.total_batch_tokens} must be a multiple of block_size x batch_size x "
+            f"processes = {block_size} x {cfg.batch_size} x {world} = {block_size * per_micro}."
+        )
+    return rows, rows // per_micro
 
 
 class BatchSampler:

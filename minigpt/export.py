@@ -30,7 +30,8 @@ from tokenizers import Tokenizer, processors
 from .checkpoint import Loaded, load_run, quantization
 from .config import ExportConfig
 from .data import EOT, parse_tag
-from .model import GPT, Int8Embedding, Int8Linear, dequantize
+from .int8 import Int8Embedding, Int8Linear, dequantize
+from .model import GPT
 from .utils import UMASK, UserError, console, fsync_dir, human_bytes, output_folder, write_json
 
 EXTRA = "pip install 'minigpt[export]'"

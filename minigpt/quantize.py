@@ -20,7 +20,8 @@ from .config import QuantizeConfig
 from .data import TokenData, eval_windows
 from .evaluate import evaluate
 from .generate import default_mode
-from .model import GPT, int8_linears, quantize_int8
+from .int8 import int8_linears, quantize_int8
+from .model import GPT
 from .utils import UserError, console, output_folder, read_json, resolve_device
 
 

@@ -17,7 +17,7 @@ from minigpt.corpus import iter_documents, prepare
 from minigpt.data import TokenData, eval_windows
 from minigpt.export import export_run
 from minigpt.generate import generate
-from minigpt.model import int8_matmul
+from minigpt.int8 import int8_matmul
 from minigpt.tokenizer import build
 from minigpt.train import train
 from minigpt.utils import UserError

@@ -14,16 +14,8 @@ from minigpt.checkpoint import find_checkpoint, load_model, load_run
 from minigpt.config import PrepareConfig, Sampling, TokenizerConfig, TrainConfig
 from minigpt.corpus import prepare
 from minigpt.generate import generate
-from minigpt.model import (
-    GPT,
-    Int8Linear,
-    KVCache,
-    dequantize,
-    int8_matmul,
-    quantize_int8,
-    set_inference_dtype,
-    to_int8,
-)
+from minigpt.int8 import Int8Linear, dequantize, int8_matmul, quantize_int8, set_inference_dtype, to_int8
+from minigpt.model import GPT, KVCache
 from minigpt.quantize import earlier_output, int8_tensors
 from minigpt.tokenizer import build
 from minigpt.train import train

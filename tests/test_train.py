@@ -36,6 +36,7 @@ from typer.testing import CliRunner
 from minigpt.bench import bench_train
 from minigpt.checkpoint import find_checkpoint, load_model, save_checkpoint
 from minigpt.cli import app, script_app
+from minigpt.compilation import compile_plan, cpp_compiler
 from minigpt.config import (
     OPTIMIZERS,
     RECIPES,
@@ -48,21 +49,10 @@ from minigpt.config import (
 )
 from minigpt.data import BatchSampler, Shards, TokenData, eval_windows
 from minigpt.model import GPT
+from minigpt.optim import Muon, Optimizers, auto_lr, lr_at, orthogonalise
+from minigpt.resume import resume_command
 from minigpt.tokenizer import build
-from minigpt.train import (
-    Muon,
-    Optimizers,
-    Trainer,
-    auto_lr,
-    compile_plan,
-    cpp_compiler,
-    forward_backward,
-    lr_at,
-    orthogonalise,
-    planned_steps,
-    resume_command,
-    train,
-)
+from minigpt.train import Trainer, forward_backward, planned_steps, train
 from minigpt.utils import Dist, UserError
 
 
