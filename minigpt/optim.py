@@ -65,7 +65,7 @@ class Muon(torch.optim.Optimizer):
     and the step scaled by 0.2 sqrt(max(rows, cols)) so that its RMS matches an AdamW step's (Moonshot's
     rule: one learning rate serves both optimizers).
 
-    `torch.optim.Muon` computes the same in bfloat16 only, which a CPU without bf16 matmuls runs ~17x
+    `torch.optim.Muon` computes the same in bfloat16 only, which a CPU without bf16 matmuls runs far
     slower than this float32 one (docs/LOG.md), so training runs this one.
     """
 

@@ -238,7 +238,7 @@ class TokenizerResult:
 
 
 # --vocab-size 0 sizes the BPE vocab to the corpus: the largest power of two in this range that keeps at
-# least BYTES_PER_ENTRY bytes of train text per vocab entry (measured on Tatar cut to 400 KB: README)
+# least BYTES_PER_ENTRY bytes of train text per vocab entry (the rule beat its neighbours on Tatar: docs/LOG.md)
 AUTO_VOCAB_RANGE = (512, 8192)
 BYTES_PER_ENTRY = 128
 

@@ -252,7 +252,7 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves each allocation over 32 MB with a fresh mmap and unmaps it when freed, so a
     training step's largest tensors (the logits: 2,048 x 8,192 floats, 64 MB, at the pipeline's shape) are
-    faulted in page by page at every step. Measured there on 2 cores: 464 -> 337 ms per step. The cost is a
+    faulted in page by page at every step (a quarter of the pipeline's step: docs/LOG.md). The cost is a
     process that keeps its peak memory. A no-op (False) where the C library has no mallopt (macOS, Windows).
     """
     global _kept

@@ -549,7 +549,7 @@ def test_a_pip_installed_copy_serves_the_page(tmp_path: Path) -> None:
     assert pip.returncode == 0, pip.stdout + pip.stderr
     check = ("import minigpt, sys; from fastapi.testclient import TestClient; from minigpt.config import ServeConfig; "
              "from minigpt.serve import create_app; assert sys.argv[1] in minigpt.__file__, minigpt.__file__; "
-             "r = TestClient(create_app(ServeConfig())).get('/'); assert r.status_code == 200, r.status_code; "
+             "r = TestClient(create_app(ServeConfig()), base_url='http://localhost').get('/'); assert r.status_code == 200, r.status_code; "
              "assert 'v1/completions' in r.text; print('ok')")
     proc = subprocess.run([str(py), "-c", check, str(venv)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
