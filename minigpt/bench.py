@@ -22,6 +22,7 @@ import math
 import platform
 import resource
 import statistics
+import sys
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from .utils import (
     peak_flops,
     resolve_device,
     resolve_dtype,
+    set_matmul_precision,
     sync,
 )
 
@@ -84,10 +86,18 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def peak_memory(device: torch.device) -> float:
-    """GiB: the allocator's peak on CUDA, else the process's peak resident set."""
+    """GiB: the allocator's peak on CUDA; on MPS the memory its driver holds (MPS keeps no peak); on a CPU the
+    process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**30
+    return max_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**30
+
+
+def max_rss_bytes(ru_maxrss: int, platform: str = sys.platform) -> int:
+    """getrusage's peak resident set in bytes: macOS counts it in bytes, Linux (and the BSDs) in KiB."""
+    return ru_maxrss if platform == "darwin" else ru_maxrss * 1024
 
 
 def reset_peak(device: torch.device) -> None:
@@ -303,6 +313,7 @@ def bench_data(data: TokenData, block: int, batch: int) -> dict[str, Any]:
 def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    set_matmul_precision(device, dtype)  # as training runs: TF32 matmuls for fp32 on Ampere and newer
     if cfg.profile:  # fail before the timings, not after
         try:
             Path(cfg.profile).mkdir(parents=True, exist_ok=True)

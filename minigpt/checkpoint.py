@@ -28,7 +28,17 @@ from .config import CHECKPOINTS, ModelConfig
 from .data import load_tokenizer, parse_tag, tag_ids_of, tag_token
 from .int8 import int8_matmul, set_inference_dtype, to_int8
 from .model import GPT
-from .utils import UserError, atomic_open, err_console, fsync_dir, read_json, sha256_file, write_json
+from .utils import (
+    UserError,
+    atomic_open,
+    auto_dtype,
+    cuda_capability,
+    err_console,
+    fsync_dir,
+    read_json,
+    sha256_file,
+    write_json,
+)
 
 FORMAT_VERSION = 1
 REQUIRED = {"model.safetensors", "config.json", "tokenizer.json"}  # in every checkpoint folder
@@ -266,7 +276,8 @@ def load_run(run: str | Path, which: str = "best", device: torch.device | str = 
     model.eval()
     scheme = quantization(config)
     device = torch.device(device)
-    bf16 = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    native = auto_dtype(device.type, cuda_capability(device)) == torch.bfloat16  # emulated bf16 (V100, T4) is slow
+    bf16 = torch.bfloat16 if native else None
     matmul = set_inference_dtype(model, bf16 if scheme != "fp16" and cast else None)  # an fp16 run stays fp16
     if scheme == "int8":
         matmul = f"{int8_matmul(model, device)}, {matmul} activations"

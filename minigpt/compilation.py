@@ -21,10 +21,10 @@ from .config import TrainConfig
 from .model import GPT
 from .utils import human_time
 
-CPU_COMPILE_MINUTES = 3.0  # a first compilation (30-40 s on 2 cores) repays itself after ~3 minutes of training
-CPU_COMPILE_MINUTES_CACHED = 0.5  # ...or 30 s when inductor's cache holds the shape (a ~4 s compilation)
+CPU_COMPILE_MINUTES = 3.0  # the training after which a first compilation has repaid itself (docs/LOG.md)...
+CPU_COMPILE_MINUTES_CACHED = 0.5  # ...or one from inductor's cache, which takes seconds
 CPU_COMPILE_HEAD_SHARE = 1 / 3  # above this share of the step's FLOPs in the output head, compiling gains little
-CPU_EAGER_FLOPS = 50e9  # eager training FLOP/s of 2 cores (measured 48-55e9), to size a run without a time budget
+CPU_EAGER_FLOPS = 50e9  # eager training FLOP/s of 2 cores, to size a run that has no time budget
 
 
 def compile_plan(cfg: TrainConfig, model: GPT, device: torch.device, steps_left: int, tokens_per_step: int,
@@ -44,6 +44,12 @@ def compile_plan(cfg: TrainConfig, model: GPT, device: torch.device, steps_left:
     if head > CPU_COMPILE_HEAD_SHARE or minutes < pays_after or not cpp_compiler():
         return ""
     return f"compiled ({cfg.compile_mode}{', cached' if cached else ''}: about {human_time(minutes * 60)} to train)"
+
+
+def uses_cuda_graphs(mode: str, device: torch.device) -> bool:
+    """Whether a compiled step replays CUDA graphs (reduce-overhead and max-autotune do, on CUDA): a replay
+    reuses its output memory, so the gradients of one micro-batch would not survive the next."""
+    return device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
 
 
 def cpp_compiler() -> str | None:

@@ -430,9 +430,9 @@ class ServeConfig:
     max_tokens: int = opt(1024, help="The most tokens a request may ask for, per choice.")
     max_body: int = opt(1_000_000, help="The largest request body in bytes (413 above it).")
     api_key: str = opt("", help="Require 'Authorization: Bearer KEY' (default: $MINIGPT_API_KEY; unset: no key).")
-    allowed_hosts: list[str] = opt(factory=list, help="A Host name the server answers to besides those its address "
-                                   "implies (localhost, 127.0.0.1, [::1], --host; with 0.0.0.0 this machine's names "
-                                   "too); repeat for several; '*' for any. Other Host headers get 400: a web page "
+    allowed_hosts: list[str] = opt(factory=list, help="A Host name the server answers to besides any IP address and "
+                                   "the names its address implies (localhost, --host; with 0.0.0.0 this machine's "
+                                   "names too); repeat for several; '*' for any. Other names get 400: a web page "
                                    "cannot drive the server through DNS rebinding.")
     model_name: str = opt("", help="The model name clients send (default: the run folder's name).")
     shutdown_timeout: float = opt(10.0, help="On SIGTERM or Ctrl-C, seconds running requests get to finish "

@@ -416,6 +416,8 @@ class Engine:
                     self.waiting.popleft().emit(None, SHUTDOWN_REASON)
                 return False
             joins = [(r, self.waiting.popleft()) for r, s in enumerate(self.slots) if s is None and self.waiting]
+            for r, seq in joins:
+                self.slots[r] = seq  # running from now: /health counts it while its prompt is encoded
         for r, seq in joins:
             try:
                 if self.metrics is not None:
@@ -423,7 +425,8 @@ class Engine:
                 self.rows.join(r, seq)
             except Exception:  # this sequence fails alone; the others go on
                 traceback.print_exc(file=sys.stderr)
-                seq.emit(None, "error")
+                with self.cond:
+                    self.rows.free(r).emit(None, "error")
         try:
             if any(self.slots):
                 self._step()

@@ -191,23 +191,26 @@ class Decoder:
             self.done.logical_or_(tok == self.eot)
 
     def _capture(self) -> torch.cuda.CUDAGraph | None:
-        """Record one step in a CUDA graph (warm-up steps first, on a side stream, as capture requires)."""
+        """Record one step in a CUDA graph (warm-up steps first, on a side stream, as capture requires), on the
+        model's GPU whichever is current."""
+        device = self.tok.device
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):  # also compiles, when compiling
-                    self.pos.zero_()  # every warm-up step writes slot 0 of the cache and of `out`: in bounds
-                    self.n.zero_()  # whatever the context and max_new (`start` resets them all later)
+            with torch.cuda.device(device):
+                stream = torch.cuda.Stream(device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    for _ in range(3):  # also compiles, when compiling
+                        self.pos.zero_()  # every warm-up step writes slot 0 of the cache and of `out`: in bounds
+                        self.n.zero_()  # whatever the context and max_new (`start` resets them all later)
+                        self.step_fn()
+                torch.cuda.current_stream(device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
                     self.step_fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.step_fn()
             return graph
         except RuntimeError as e:  # keep generating, without the graph, and say so
             console.print(f"[yellow]CUDA graph capture failed ({str(e).splitlines()[0][:120]}); decoding without it[/]")
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
             return None
 
     # the host side
@@ -250,7 +253,8 @@ class Decoder:
             self._slide(full)
         self._draw()
         if self.graph is not None:
-            self.graph.replay()
+            with torch.cuda.device(self.tok.device):  # replayed on the stream of the GPU it was captured on
+                self.graph.replay()
         else:
             self.step_fn()
         self.host_pos = [p + 1 for p in self.host_pos]

@@ -167,7 +167,6 @@ class Job:
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 
-
 class Server:
     """What the routes share: the settings, the run once loaded, the engine, the metrics."""
 

@@ -10,10 +10,12 @@ the model or the data stream is refused in one sentence.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import shlex
+import socket
 from collections.abc import Set
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ from .checkpoint import find_checkpoint, read_trainer_state
 from .config import ModelConfig, TrainConfig
 from .data import accumulation, find_tokenized
 from .optim import auto_lr
-from .utils import Dist, UserError, console, read_json
+from .utils import Dist, UserError, console, device_of, read_json, resolve_dtype
 
 STATE_VERSION = 2  # 1: before the version was written (read the same way, with the fields it lacks derived)
 
@@ -157,10 +159,18 @@ def run_folder(cfg: TrainConfig) -> Path:
     return Path(cfg.runs_dir) / f"{folder.parent.name}-{folder.name}-{cfg.preset}"
 
 
-def resume(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] | None, world: int) -> Resumed:
-    """The run's `last` checkpoint and the settings it goes on with (`resumed_config`)."""
+def resume(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] | None, world: int, rank: int = 0) -> Resumed:
+    """The run's `last` checkpoint and the settings it goes on with (`resumed_config`). Every process reads
+    it: under torchrun across nodes, a process that cannot see it says where it runs."""
     run = run_folder(cfg)
-    folder = find_checkpoint(run, "last")
+    try:
+        folder = find_checkpoint(run, "last")
+    except UserError as e:
+        if world > 1 and not run.is_dir():
+            raise UserError(f"process {rank} of {world} (on {socket.gethostname()}) cannot see the run folder {run}; "
+                            "a multi-node resume needs the runs folder on shared storage, at the same path on every "
+                            "node.") from None
+        raise e from None
     state = TrainerState.from_dict(read_trainer_state(folder))
     saved = read_json(folder / "config.json", "checkpoint config")
     return resumed_config(cfg, overrides, given, saved, state, world, run, folder)
@@ -189,9 +199,7 @@ def resumed_config(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] 
         old = before[f.name]
         if f.name == "lr" and not now:
             now = auto_lr(model)  # sized to the width, as it was at the start
-        # the data as given at the start (a dataset folder) or as saved (the token folder inside it) is no change
-        same_data = f.name == "data" and Path(now).resolve() in (Path(old).resolve(), Path(old).resolve().parent)
-        if f.name not in given or now == old or same_data:
+        if f.name not in given or now == old or same_meaning(f.name, old, now, values.get("device", "auto")):
             values[f.name] = old
             continue
         if f.name not in KEEPS_LOSSES | CHANGES_LOSSES:
@@ -212,6 +220,19 @@ def resumed_config(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] 
                         f"(--batch-size {resumed.batch_size} x {world} process(es)); keep the batch: the same "
                         f"--batch-size and processes, or --total-batch-tokens {rows_before * model.block_size}.")
     return Resumed(resumed, changed, folder, saved, state)
+
+
+def same_meaning(name: str, old: Any, now: Any, device: str = "auto") -> bool:
+    """Two spellings of one setting: the data as given at the start (a dataset folder) and as saved (the token
+    folder inside it); `--device auto` and the device it picks here; `--dtype auto` and the dtype it picks."""
+    if name == "data":
+        return Path(now).resolve() in (Path(old).resolve(), Path(old).resolve().parent)
+    if name in ("device", "dtype"):
+        with contextlib.suppress(UserError):  # a device that is not here (a run saved on a GPU): a change
+            if name == "device":
+                return device_of(old) == device_of(now)
+            return resolve_dtype(old, device_of(device)) == resolve_dtype(now, device_of(device))
+    return False
 
 
 def check_same_data(saved: dict[str, Any], meta: dict[str, Any], train_shards: list[int], run: Path) -> None:

@@ -40,8 +40,8 @@ EVERY_INTERFACE = frozenset({"0.0.0.0", "::", ""})
 
 
 def host_names(host: str, extra: list[str]) -> frozenset[str] | None:
-    """The Host names a server bound to `host` answers to (None: any): the loopback names and the bound
-    one, this machine's names and addresses when it listens on every interface, and `extra`."""
+    """The Host names a server bound to `host` answers to besides any IP address (None: any name): the
+    loopback names and the bound one, this machine's names when it listens on every interface, and `extra`."""
     wanted = {h.strip().strip("[]").lower() for h in extra}
     if "*" in wanted:
         return None

@@ -31,7 +31,7 @@ from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import load_model, save_checkpoint
-from .compilation import CPU_EAGER_FLOPS, compile_marker, compile_plan, cpp_compiler
+from .compilation import CPU_EAGER_FLOPS, compile_marker, compile_plan, cpp_compiler, uses_cuda_graphs
 from .config import ModelConfig, Sampling, TrainConfig, model_config
 from .data import BatchSampler, TokenData, accumulation, eval_windows, load_tokenizer
 from .evaluate import Score, evaluate
@@ -61,6 +61,8 @@ from .utils import (
     init_distributed,
     peak_flops,
     resolve_dtype,
+    set_matmul_precision,
+    sync,
 )
 
 # An evaluation during training scores 1/8 of the tokens trained since the last one (a forward pass costs about
@@ -114,17 +116,22 @@ def new_model(cfg: TrainConfig, overrides: dict[str, Any], data: TokenData, d: D
 
 def wrap(model: GPT, compiled: bool, mode: str, device: torch.device, world: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the model evaluation runs, the model training runs): compiled when asked, and under DDP for training.
-    On CPU evaluation stays eager: its other batch shapes and eval mode would each cost another compilation
-    of ~20 s. The rotary tables are derived buffers, identical everywhere: DDP need not broadcast them."""
-    trained: torch.nn.Module = torch.compile(model, mode=mode) if compiled else model
-    evaluated = trained if device.type == "cuda" else model
-    if world == 1:
-        return evaluated, trained
-    ids = [device.index] if device.type == "cuda" else None
-    # the option's name changed in torch 2.13 (`broadcast_buffers` before)
-    renamed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
-    no_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
-    return evaluated, DDP(trained, device_ids=ids, **no_sync)
+    The DDP module is what compiles, so that the graph breaks at each gradient bucket and the all-reduce of
+    one overlaps the backward pass of the next. On CPU evaluation stays eager: its other batch shapes and
+    eval mode would each cost another compilation. The rotary tables are derived buffers,
+    identical everywhere: DDP need not broadcast them."""
+    trained: torch.nn.Module = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        # the option's name changed in torch 2.13 (`broadcast_buffers` before)
+        renamed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+        no_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
+        trained = DDP(model, device_ids=ids, **no_sync)
+    if not compiled:
+        return model, trained
+    trained = torch.compile(trained, mode=mode)
+    evaluated = (trained if world == 1 else torch.compile(model, mode=mode)) if device.type == "cuda" else model
+    return evaluated, trained
 
 
 def forward_backward(
@@ -139,11 +146,11 @@ def forward_backward(
     for i, start in enumerate(starts):
         part = batch[start : start + micro_bs]
         weight = part.size(0) / rows  # each row counts the same, however the rows were split
-        sync = i == len(starts) - 1 or world == 1  # DDP all-reduces gradients on the last micro-batch only
+        reduce_now = i == len(starts) - 1 or world == 1  # DDP all-reduces gradients on the last micro-batch only
         # Under --compile-mode reduce-overhead this tells the CUDA graphs the last outputs are no longer
         # needed (a no-op otherwise).
         torch.compiler.cudagraph_mark_step_begin()
-        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, dtype):
+        with (contextlib.nullcontext() if reduce_now else model.no_sync()), autocast(device, dtype):
             loss = model(part[:, :-1], part[:, 1:]).loss * weight
         scaler.scale(loss).backward()
         total += loss.detach()  # read at log steps only: no host sync per step
@@ -303,9 +310,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.device,
                  resumed: Resumed | None = None) -> None:
         if cfg.resume and resumed is None:
-            resumed = resume(cfg, overrides, None, d.world)
+            resumed = resume(cfg, overrides, None, d.world, d.rank)
         cfg = resumed.cfg if resumed is not None else cfg
         self.d, self.device, self.dtype = d, device, resolve_dtype(cfg.dtype, device)
+        self.matmul = set_matmul_precision(device, self.dtype)
         self.data = data = TokenData(cfg.data)
         self.run_dir = resumed.folder.parent if resumed is not None else run_folder(cfg)
         state = resumed.state if resumed is not None else TrainerState()
@@ -361,7 +369,12 @@ class Trainer:
         if device.type == "cpu" and state.cpu_compiled is not None and cfg.compile and cpp_compiler():
             # a resumed CPU run steps as it did before (compiled or eager), so that it logs the same losses
             self.compiled = f"compiled ({cfg.compile_mode}: as before the resume)" if state.cpu_compiled else ""
-        self.compile_unproven = bool(self.compiled) and device.type == "cpu"  # falls back to eager if it fails
+        self.cuda_graphs = bool(self.compiled) and uses_cuda_graphs(cfg.compile_mode, device)
+        if self.cuda_graphs and self.accum > 1:
+            raise UserError(f"--compile-mode {cfg.compile_mode} replays CUDA graphs, which overwrite one micro-batch's "
+                            f"gradients with the next's, and this run accumulates {self.accum}; use --compile-mode "
+                            "default (or max-autotune-no-cudagraphs), or one micro-batch per step.")
+        self.compile_unproven = bool(self.compiled)  # a first compiled step that fails falls back to eager
         self.eval_model, self.model = wrap(model, bool(self.compiled), cfg.compile_mode, device, d.world)
 
         # where the run stands: restored when resuming
@@ -473,15 +486,19 @@ class Trainer:
             try:
                 loss = forward_backward(self.model, batch, self.micro_bs, self.device, self.dtype, self.scaler,
                                         self.d.world)
-                if self.compile_unproven:  # compiled and ran: the next run of this shape finds it cached
+                if self.compile_unproven:  # compiled and ran: the next CPU run of this shape finds it cached
                     self.compile_unproven = False
-                    if self.d.main:
+                    if self.d.main and self.device.type == "cpu":
                         with contextlib.suppress(OSError):  # a note for later runs, never a reason to stop this one
                             self.marker.parent.mkdir(parents=True, exist_ok=True)
                             self.marker.touch()
                 return loss
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad()
+                if self.cuda_graphs:  # halving would accumulate, which CUDA graphs cannot
+                    raise UserError(f"out of GPU memory under --compile-mode {self.cfg.compile_mode}; use a smaller "
+                                    "--batch-size, or --compile-mode default (which halves the micro-batch instead)."
+                                    ) from None
                 self.micro_bs = halve_micro_batch(self.micro_bs, batch.size(0), self.d, self.device, self.step + 1)
             except Exception as e:
                 if not self.compile_unproven:
@@ -504,9 +521,9 @@ class Trainer:
     def log_step(self, lr: float, norm: torch.Tensor, steps: int, seconds: float) -> str | None:
         """The dense log line and metrics record for the last `steps` steps; a stop reason if unhealthy."""
         cfg, d = self.cfg, self.d
-        if d.world > 1:
-            dist.all_reduce(self.loss_sum, op=dist.ReduceOp.AVG)
-        loss = self.loss_sum.item() / steps
+        if d.world > 1:  # SUM, then divide: gloo has no AVG before torch 2.7
+            dist.all_reduce(self.loss_sum, op=dist.ReduceOp.SUM)
+        loss = self.loss_sum.item() / d.world / steps
         self.loss_sum.zero_()
         dt = seconds / steps
         tok_s = self.tokens_per_step / dt
@@ -571,6 +588,7 @@ class Trainer:
                 bar(self.step)
 
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    sync(self.device)  # the clock reads the work done, not only the work queued (CUDA, MPS)
                     unhealthy = self.log_step(lr, norm, self.step - step_log, time.perf_counter() - t_log)
                     t_log, step_log = time.perf_counter(), self.step
                     if unhealthy:  # no save: the last good checkpoint stays as it is
@@ -632,7 +650,8 @@ class Trainer:
         console.print(
             f"{human_count(self.raw_model.num_params())} parameters | {data.folder} ({data.meta['kind']}, vocab "
             f"{data.vocab_size}, train {human_count(data.train.tokens)} / val {human_count(data.val.tokens)} tokens) | "
-            f"{self.device} {dtype_name(self.dtype)}{compiled} | {d.world} process(es) | {self.tokens_per_step:,} "
+            f"{self.device} {dtype_name(self.dtype)}{' (tf32 matmuls)' if self.matmul == 'tf32' else ''}{compiled} | "
+            f"{d.world} process(es) | {self.tokens_per_step:,} "
             f"tokens/step = {self.rows_per_step} x {mcfg.block_size} ({self.accum} accumulation) | run {self.run_dir}"
             + (f" | resuming at step {self.start_step}" if self.start_step else "")
         )
@@ -687,7 +706,8 @@ def say_how_to_resume(stop: Stop, step: int, run_dir: Path, world: int) -> None:
 
 def train(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] | None = None) -> dict[str, Any]:
     """Train a run, or resume one (`given`: the options the command line gave; see `resume.resumed_config`)."""
-    resumed = resume(cfg, overrides, given, int(os.environ.get("WORLD_SIZE", "1"))) if cfg.resume else None
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    resumed = resume(cfg, overrides, given, world, rank) if cfg.resume else None
     d, device = init_distributed(resumed.cfg.device if resumed else cfg.device)
     if d.world == 1:
         return Trainer(cfg, overrides, d, device, resumed).run()

@@ -220,13 +220,18 @@ def human_time(seconds: float) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    device = _resolve_device(name)
+    """The device --device names, ready to use: on a CPU freed memory is kept for the next tensors; a GPU
+    index becomes the current device, so streams, CUDA graphs and pinned memory live on it, not on GPU 0."""
+    device = device_of(name)
     if device.type == "cpu":
         keep_freed_memory()
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     return device
 
 
-def _resolve_device(name: str) -> torch.device:
+def device_of(name: str) -> torch.device:
+    """The device --device names (auto: cuda > mps > cpu), checked to be here; nothing set up."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -238,9 +243,14 @@ def _resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps was asked for but MPS is not available here; use --device cpu (or auto).")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown --device {name!r}; use auto, cuda, cuda:N, mps or cpu.") from None
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from "
+                            "0; pick one of them.")
+    return device
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (glibc's malloc.h)
@@ -273,14 +283,50 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def auto_dtype(device_type: str, capability: tuple[int, int] | None) -> torch.dtype:
+    """--dtype auto: bf16 on GPUs with bf16 tensor cores (compute capability 8.0 on: Ampere, Ada, Hopper...),
+    fp16 with a gradient scaler on older ones (V100, T4: their bf16 is emulated, and slow), fp32 elsewhere
+    (bf16 autocast is slower than fp32 on most CPUs; MPS: ask with --dtype)."""
+    if device_type == "cuda":
+        return torch.bfloat16 if capability is not None and capability >= (8, 0) else torch.float16
+    return torch.float32
+
+
+MPS_FP16_TORCH = (2, 8)  # the first torch whose gradient scaler runs on MPS (older ones need float64 there)
+
+
+def torch_version(version: str = torch.__version__) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def resolve_dtype(name: str, device: torch.device, version: tuple[int, int] | None = None) -> torch.dtype:
     if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # bf16 autocast is slower than fp32 on most CPUs; MPS: ask with --dtype
+        return auto_dtype(device.type, cuda_capability(device))
     if name == "fp16" and device.type == "cpu":
         raise UserError("--dtype fp16 is not supported on CPU; use bf16 or fp32.")
+    if name == "fp16" and device.type == "mps" and (version or torch_version()) < MPS_FP16_TORCH:
+        raise UserError(f"--dtype fp16 on MPS needs torch {'.'.join(map(str, MPS_FP16_TORCH))} or newer (its gradient "
+                        f"scaler); this is torch {torch.__version__}: use --dtype bf16 or fp32, or upgrade torch.")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def uses_tf32(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None) -> bool:
+    """fp32 on a GPU with TF32 tensor cores (Ampere on) runs its matmuls in TF32, as nanoGPT does: several
+    times faster, the weights, the loss and the optimizer still in fp32. `--dtype fp32` elsewhere is fp32."""
+    return device_type == "cuda" and dtype == torch.float32 and capability is not None and capability >= (8, 0)
+
+
+def set_matmul_precision(device: torch.device, dtype: torch.dtype) -> str:
+    """TF32 matmuls where `uses_tf32` says so; returns what the matmuls run in, for the header line."""
+    tf32 = uses_tf32(device.type, dtype, cuda_capability(device))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    return "tf32" if tf32 else dtype_name(dtype)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -301,19 +347,21 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) for MFU, matched against torch.cuda.get_device_name().
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU, matched against torch.cuda.get_device_name() (the longest
+# name that matches wins: an H100 PCIe or NVL card is slower than the SXM one a bare "H100" names).
 PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
-    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12, "A6000": 155e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+    "H200": 989e12, "H200 NVL": 835e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "GH200": 989e12,
+    "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12,
+    "A10": 125e12, "A6000": 155e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
 }
 
 
+def peak_flops_of(name: str) -> float | None:
+    return next((PEAK_FLOPS[k] for k in sorted(PEAK_FLOPS, key=len, reverse=True) if k in name), None)
+
+
 def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 @dataclass

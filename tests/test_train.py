@@ -53,7 +53,7 @@ from minigpt.optim import Muon, Optimizers, auto_lr, lr_at, orthogonalise
 from minigpt.resume import resume_command
 from minigpt.tokenizer import build
 from minigpt.train import Trainer, forward_backward, planned_steps, train
-from minigpt.utils import Dist, UserError
+from minigpt.utils import Dist, UserError, sha256_file
 
 
 def test_loss_falls_and_run_folder_is_complete(tokens: Path, tmp_path: Path) -> None:
@@ -471,6 +471,50 @@ def test_a_resume_may_change_budgets_cadence_and_retune_and_says_so(tokens: Path
     other = build(TokenizerConfig(data=str(tokens.parent), vocab_size=300, out=str(tmp_path / "bpe300"))).out
     assert_user_error(run_face("03_train.py", "--runs-dir", str(runs), "--name", "run", "--resume", "--data",
                                str(other), "--max-steps", "20"), "trained on other token data")
+
+
+def test_a_run_saved_before_the_typed_state_resumes_exactly(tokens: Path, tmp_path: Path, monkeypatch) -> None:
+    """A trainer_state.json written before it had a version, the evaluation subset, the rows per step and
+    the asked --max-steps still resumes, to the uninterrupted run's losses."""
+    cfg = partial(train_cfg, tokens, max_steps=14, eval_every=5)
+    train(cfg(tmp_path / "whole"), MODEL)
+    forward, calls = GPT.forward, [0]
+
+    def ctrl_c_at_7(self, idx, targets=None, cache=None, last_only=False):
+        if self.training and targets is not None:
+            calls[0] += 1
+            if calls[0] == 7:
+                os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, idx, targets, cache, last_only)
+
+    monkeypatch.setattr(GPT, "forward", ctrl_c_at_7)
+    train(cfg(tmp_path / "split"), MODEL)
+    monkeypatch.undo()
+    last = tmp_path / "split" / "run" / "last"
+    state = json.loads((last / "trainer_state.json").read_text())
+    for key in ("version", "probe_tokens", "rows_per_step", "max_steps_asked"):
+        del state[key]
+    (last / "trainer_state.json").write_text(json.dumps(state))
+    manifest = json.loads((last / "manifest.json").read_text())
+    manifest["trainer_state.json"] = {"bytes": (last / "trainer_state.json").stat().st_size,
+                                      "sha256": sha256_file(last / "trainer_state.json")}
+    (last / "manifest.json").write_text(json.dumps(manifest))
+    trainer = Trainer(cfg(tmp_path / "split", resume=True), MODEL, Dist(), torch.device("cpu"))
+    assert trainer.step == 7 and trainer.probe_tokens == 2048  # every --eval-tokens window, as such runs scored
+    train(cfg(tmp_path / "split", resume=True), MODEL)
+    assert losses(tmp_path / "split" / "run") == losses(tmp_path / "whole" / "run")
+    val = [(r["step"], r["val_loss"]) for r in metrics(tmp_path / "split" / "run") if "val_loss" in r]
+    assert val == [(r["step"], r["val_loss"]) for r in metrics(tmp_path / "whole" / "run") if "val_loss" in r]
+
+
+def test_a_device_or_dtype_spelled_otherwise_is_no_change(tokens: Path, tmp_path: Path) -> None:
+    """--device cpu on a run saved with --device auto, on a CPU, and --dtype fp32 for auto there: no change."""
+    train(train_cfg(tokens, tmp_path, max_steps=2, device="auto"), MODEL)
+    proc = run_face("03_train.py", "--runs-dir", str(tmp_path), "--name", "run", "--resume", "--device", "cpu",
+                    "--dtype", "fp32", "--max-steps", "3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert "saved settings but --max-steps 2 -> 3" in out and "--device" not in out.split("saved settings")[1][:80]
 
 
 def train_cmd(tokens: Path, runs: Path, *extra: str) -> list[str]:
