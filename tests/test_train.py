@@ -362,22 +362,28 @@ def test_freed_cpu_memory_is_kept_for_the_next_tensors() -> None:
     assert faults["cpu"] < faults["default"] / 3, faults
 
 
+def ctrl_c_during(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """SIGINT in the middle of training step `step` (counted from 1): the trainer's handler finishes the step,
+    saves and stops."""
+    forward, calls = GPT.forward, [0]
+
+    def patched(self, idx, targets=None, cache=None, last_only=False):
+        if self.training and targets is not None:
+            calls[0] += 1
+            if calls[0] == step:
+                os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, idx, targets, cache, last_only)
+
+    monkeypatch.setattr(GPT, "forward", patched)
+
+
 @pytest.mark.parametrize("kind", OPTIMIZERS)
 def test_a_run_stopped_by_ctrl_c_resumes_exactly(tokens: Path, tmp_path: Path, monkeypatch, kind: str) -> None:
     """Ctrl-C during step 7, then --resume: the losses after it are the uninterrupted run's, exactly (the
     optimizer's moments, Muon's momentum, the batch sampler and the RNG all restored)."""
     cfg = partial(train_cfg, tokens, max_steps=14, eval_every=5, optimizer=kind)
     train(cfg(tmp_path / "whole"), MODEL)
-    forward, calls = GPT.forward, [0]
-
-    def ctrl_c_at_7(self, idx, targets=None, cache=None, last_only=False):
-        if self.training and targets is not None:
-            calls[0] += 1
-            if calls[0] == 7:
-                os.kill(os.getpid(), signal.SIGINT)  # the trainer's handler finishes the step, saves, stops
-        return forward(self, idx, targets, cache, last_only)
-
-    monkeypatch.setattr(GPT, "forward", ctrl_c_at_7)
+    ctrl_c_during(monkeypatch, 7)
     summary = train(cfg(tmp_path / "split"), MODEL)
     monkeypatch.undo()
     assert summary["steps"] == 7 and max(losses(tmp_path / "split" / "run")) == 7
@@ -478,16 +484,7 @@ def test_a_run_saved_before_the_typed_state_resumes_exactly(tokens: Path, tmp_pa
     the asked --max-steps still resumes, to the uninterrupted run's losses."""
     cfg = partial(train_cfg, tokens, max_steps=14, eval_every=5)
     train(cfg(tmp_path / "whole"), MODEL)
-    forward, calls = GPT.forward, [0]
-
-    def ctrl_c_at_7(self, idx, targets=None, cache=None, last_only=False):
-        if self.training and targets is not None:
-            calls[0] += 1
-            if calls[0] == 7:
-                os.kill(os.getpid(), signal.SIGINT)
-        return forward(self, idx, targets, cache, last_only)
-
-    monkeypatch.setattr(GPT, "forward", ctrl_c_at_7)
+    ctrl_c_during(monkeypatch, 7)
     train(cfg(tmp_path / "split"), MODEL)
     monkeypatch.undo()
     last = tmp_path / "split" / "run" / "last"
