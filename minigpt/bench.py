@@ -95,14 +95,16 @@ def peak_memory(device: torch.device) -> float:
     return max_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**30
 
 
-def max_rss_bytes(ru_maxrss: int, platform: str = sys.platform) -> int:
+def max_rss_bytes(ru_maxrss: int, system: str = sys.platform) -> int:
     """getrusage's peak resident set in bytes: macOS counts it in bytes, Linux (and the BSDs) in KiB."""
-    return ru_maxrss if platform == "darwin" else ru_maxrss * 1024
+    return ru_maxrss if system == "darwin" else ru_maxrss * 1024
 
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "mps":  # no peak there: at least drop what the last phase cached
+        torch.mps.empty_cache()
 
 
 def train_step(model: GPT, cfg: BenchConfig, device: torch.device, dtype: torch.dtype, compiled: bool,

@@ -5,6 +5,7 @@ compiled on this machine before. Measurements behind the constants: docs/LOG.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import getpass
 import hashlib
@@ -50,6 +51,14 @@ def uses_cuda_graphs(mode: str, device: torch.device) -> bool:
     """Whether a compiled step replays CUDA graphs (reduce-overhead and max-autotune do, on CUDA): a replay
     reuses its output memory, so the gradients of one micro-batch would not survive the next."""
     return device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+
+
+def mark_compiled(marker: Path) -> None:
+    """Note beside inductor's cache that this shape compiled here: a note for later runs, never a reason to
+    stop this one."""
+    with contextlib.suppress(OSError):
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
 
 
 def cpp_compiler() -> str | None:

@@ -21,7 +21,7 @@ import torch
 from tokenizers import Tokenizer, decoders
 
 from .config import TrainConfig
-from .utils import UserError, console, read_json
+from .utils import Dist, UserError, console, read_json
 
 EOT = "<|endoftext|>"
 FORMAT_VERSION = 1  # of meta.json and the shards
@@ -186,6 +186,16 @@ class BatchSampler:
         for i, (s, o) in enumerate(zip(shard, offset, strict=True)):
             out[i] = self.shards.arrays[s][o : o + self.T + 1]
         return torch.from_numpy(out)
+
+    def batch(self, rows: int, d: Dist, device: torch.device) -> torch.Tensor:
+        """This process's rows of the next global batch of `rows`, on the device."""
+        per_rank = rows // d.world
+        shard, offset = self.global_batch(rows)
+        mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
+        batch = self.read(shard[mine], offset[mine])
+        if device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(device, non_blocking=True)
 
     def state(self) -> dict[str, Any]:
         return self.rng.bit_generator.state

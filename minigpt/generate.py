@@ -205,7 +205,8 @@ class Decoder:
                         self.step_fn()
                 torch.cuda.current_stream(device).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, stream=stream):  # not the process's default capture stream: that
+                    # one lives on whichever GPU captured first
                     self.step_fn()
             return graph
         except RuntimeError as e:  # keep generating, without the graph, and say so

@@ -235,6 +235,17 @@ def same_meaning(name: str, old: Any, now: Any, device: str = "auto") -> bool:
     return False
 
 
+def check_same_step(step: int, world: int, device: torch.device) -> None:
+    """Under torchrun every process must resume the same checkpoint: a node that reads a runs folder of its
+    own (not the shared one) would resume another step."""
+    if world > 1:
+        t = torch.tensor([step, -step], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if int(t[0]) != -int(t[1]):
+            raise UserError(f"the processes resumed different steps ({-int(t[1])} to {int(t[0])}): each node read a runs "
+                            "folder of its own; a multi-node resume needs the runs folder on shared storage.")
+
+
 def check_same_data(saved: dict[str, Any], meta: dict[str, Any], train_shards: list[int], run: Path) -> None:
     """A resumed run reads the token data it was trained on: the same tokenizer and train shards."""
     shards = saved["data"].get("train_shards")  # what the batch sampler draws from (runs saved before: unknown)

@@ -31,7 +31,14 @@ from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import load_model, save_checkpoint
-from .compilation import CPU_EAGER_FLOPS, compile_marker, compile_plan, cpp_compiler, uses_cuda_graphs
+from .compilation import (
+    CPU_EAGER_FLOPS,
+    compile_marker,
+    compile_plan,
+    cpp_compiler,
+    mark_compiled,
+    uses_cuda_graphs,
+)
 from .config import ModelConfig, Sampling, TrainConfig, model_config
 from .data import BatchSampler, TokenData, accumulation, eval_windows, load_tokenizer
 from .evaluate import Score, evaluate
@@ -42,6 +49,7 @@ from .resume import (
     Resumed,
     TrainerState,
     check_same_data,
+    check_same_step,
     restore_rng,
     resume,
     resume_command,
@@ -319,6 +327,7 @@ class Trainer:
         state = resumed.state if resumed is not None else TrainerState()
         if resumed is not None:
             check_same_data(resumed.saved, data.meta, data.train.lengths.tolist(), self.run_dir)
+            check_same_step(state.step, d.world, device)
             model, _ = load_model(resumed.folder, "cpu")
         else:
             if (self.run_dir / "last").exists() and d.main:
@@ -376,6 +385,7 @@ class Trainer:
                             "default (or max-autotune-no-cudagraphs), or one micro-batch per step.")
         self.compile_unproven = bool(self.compiled)  # a first compiled step that fails falls back to eager
         self.eval_model, self.model = wrap(model, bool(self.compiled), cfg.compile_mode, device, d.world)
+        self.eval_unproven = self.eval_model is not model
 
         # where the run stands: restored when resuming
         self.step = self.start_step = state.step
@@ -391,7 +401,7 @@ class Trainer:
         if d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _trim_metrics(self.metrics_path, self.start_step)
-            self._print_header()
+            print_header(self)
 
     def _restore(self, resumed: Resumed) -> None:
         """Optimizer, scaler, batch sampler and RNG streams as the checkpoint left them."""
@@ -438,21 +448,11 @@ class Trainer:
 
     # one optimizer step
 
-    def batch(self) -> torch.Tensor:
-        """This process's rows of the next global batch, on the device."""
-        d, per_rank = self.d, self.rows_per_step // self.d.world
-        shard, offset = self.sampler.global_batch(self.rows_per_step)
-        mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
-        batch = self.sampler.read(shard[mine], offset[mine])
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()
-        return batch.to(self.device, non_blocking=True)
-
     def train_step(self, lr: float) -> torch.Tensor:
         """Gradients of one batch, clipped, then the update (skipped when not finite); returns the norm
         before clipping."""
         self.optimizer.set_lr(lr)
-        loss = self._gradients(self.batch())
+        loss = self._gradients(self.sampler.batch(self.rows_per_step, self.d, self.device))
         self.loss_sum += loss
         for optimizer in self.optimizer.all:
             self.scaler.unscale_(optimizer)
@@ -489,9 +489,7 @@ class Trainer:
                 if self.compile_unproven:  # compiled and ran: the next CPU run of this shape finds it cached
                     self.compile_unproven = False
                     if self.d.main and self.device.type == "cpu":
-                        with contextlib.suppress(OSError):  # a note for later runs, never a reason to stop this one
-                            self.marker.parent.mkdir(parents=True, exist_ok=True)
-                            self.marker.touch()
+                        mark_compiled(self.marker)
                 return loss
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad()
@@ -505,16 +503,20 @@ class Trainer:
                     raise
                 self._compile_failed(e)
 
-    def _compile_failed(self, e: Exception) -> None:
+    def _compile_failed(self, e: Exception, what: str = "step") -> None:
+        """A first compiled step (or evaluation) that fails: that part runs eagerly from now on."""
         first = first_line(e)
         if self.d.world > 1:
-            raise UserError(f"the first compiled step failed on {self.device} ({first}); rerun with --no-compile.") from None
+            raise UserError(f"the first compiled {what} failed on {self.device} ({first}); rerun with --no-compile.") from None
         if self.d.main:
-            console.print(f"[yellow]the first compiled step failed on {self.device} ({first}); training on without "
+            then = "training on" if what == "step" else "evaluating"
+            console.print(f"[yellow]the first compiled {what} failed on {self.device} ({first}); {then} without "
                           "torch.compile (--no-compile skips the attempt)[/]")
-        self.optimizer.zero_grad()
-        self.compiled, self.compile_unproven = "", False
-        self.eval_model = self.model = self.raw_model
+        self.eval_model, self.eval_unproven = self.raw_model, False
+        if what == "step":
+            self.optimizer.zero_grad()
+            self.compiled, self.compile_unproven, self.cuda_graphs = "", False, False
+            self.model = self.raw_model
 
     # what happens between steps
 
@@ -558,8 +560,16 @@ class Trainer:
         return score, bool(self.cfg.patience and self.bad_evals >= self.cfg.patience)
 
     def _score(self, windows: list[Any]) -> Score:
-        return evaluate(self.eval_model, self.data.val.arrays, windows, self.data.token_bytes, self.cfg.batch_size,
-                        self.device, self.dtype, self.d)
+        while True:
+            try:
+                score = evaluate(self.eval_model, self.data.val.arrays, windows, self.data.token_bytes,
+                                 self.cfg.batch_size, self.device, self.dtype, self.d)
+                self.eval_unproven = False
+                return score
+            except Exception as e:  # the compiled evaluation (CUDA) builds its own graph at its first call
+                if not self.eval_unproven:
+                    raise
+                self._compile_failed(e, "evaluation")
 
     def score_whole(self) -> Score:
         """At the end: the model on all --eval-tokens windows (the whole split when it is smaller), the
@@ -596,6 +606,8 @@ class Trainer:
                         break
 
                 stop = clock.should_stop(self.step)
+                if stop or any(self.step % n == 0 for n in (cfg.eval_every, cfg.save_every or cfg.eval_every)):
+                    sync(self.device)  # the steps' queued work is theirs, not the evaluation's or the save's
                 t_between = time.perf_counter()  # evaluation, samples and saves stay out of ms/step
                 score, stop = self._between_steps(stop)
                 last_eval = score or last_eval
@@ -642,19 +654,21 @@ class Trainer:
             say_how_to_resume(stop, step, self.run_dir, self.d.world)
         return summary
 
-    def _print_header(self) -> None:
-        cfg, mcfg, data, d = self.cfg, self.mcfg, self.data, self.d
-        compiled = f" {self.compiled}" if self.compiled else ""
-        console.print(f"[bold]train[/] {dataclasses.asdict(cfg)}")
-        console.print(f"[bold]model[/] {dataclasses.asdict(mcfg)}")
-        console.print(
-            f"{human_count(self.raw_model.num_params())} parameters | {data.folder} ({data.meta['kind']}, vocab "
-            f"{data.vocab_size}, train {human_count(data.train.tokens)} / val {human_count(data.val.tokens)} tokens) | "
-            f"{self.device} {dtype_name(self.dtype)}{' (tf32 matmuls)' if self.matmul == 'tf32' else ''}{compiled} | "
-            f"{d.world} process(es) | {self.tokens_per_step:,} "
-            f"tokens/step = {self.rows_per_step} x {mcfg.block_size} ({self.accum} accumulation) | run {self.run_dir}"
-            + (f" | resuming at step {self.start_step}" if self.start_step else "")
-        )
+
+def print_header(t: Trainer) -> None:
+    """What the run is: its settings, its model, its data, where and how it trains."""
+    cfg, mcfg, data, d = t.cfg, t.mcfg, t.data, t.d
+    compiled = f" {t.compiled}" if t.compiled else ""
+    console.print(f"[bold]train[/] {dataclasses.asdict(cfg)}")
+    console.print(f"[bold]model[/] {dataclasses.asdict(mcfg)}")
+    console.print(
+        f"{human_count(t.raw_model.num_params())} parameters | {data.folder} ({data.meta['kind']}, vocab "
+        f"{data.vocab_size}, train {human_count(data.train.tokens)} / val {human_count(data.val.tokens)} tokens) | "
+        f"{t.device} {dtype_name(t.dtype)}{' (tf32 matmuls)' if t.matmul == 'tf32' else ''}{compiled} | "
+        f"{d.world} process(es) | {t.tokens_per_step:,} "
+        f"tokens/step = {t.rows_per_step} x {mcfg.block_size} ({t.accum} accumulation) | run {t.run_dir}"
+        + (f" | resuming at step {t.start_step}" if t.start_step else "")
+    )
 
 
 def halve_micro_batch(micro_bs: int, rows: int, d: Dist, device: torch.device, step: int) -> int:

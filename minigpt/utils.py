@@ -9,6 +9,7 @@ import ctypes.util
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -289,19 +290,19 @@ def cuda_capability(device: torch.device) -> tuple[int, int] | None:
 
 def auto_dtype(device_type: str, capability: tuple[int, int] | None) -> torch.dtype:
     """--dtype auto: bf16 on GPUs with bf16 tensor cores (compute capability 8.0 on: Ampere, Ada, Hopper...),
-    fp16 with a gradient scaler on older ones (V100, T4: their bf16 is emulated, and slow), fp32 elsewhere
+    fp16 with a gradient scaler on Volta and Turing (V100, T4: their bf16 is emulated, and slow), fp32 elsewhere
     (bf16 autocast is slower than fp32 on most CPUs; MPS: ask with --dtype)."""
-    if device_type == "cuda":
-        return torch.bfloat16 if capability is not None and capability >= (8, 0) else torch.float16
-    return torch.float32
+    if device_type == "cuda" and capability is not None and capability >= (7, 0):
+        return torch.bfloat16 if capability >= (8, 0) else torch.float16
+    return torch.float32  # and on Pascal and older, whose fp16 is slow (but P100's)
 
 
 MPS_FP16_TORCH = (2, 8)  # the first torch whose gradient scaler runs on MPS (older ones need float64 there)
 
 
 def torch_version(version: str = torch.__version__) -> tuple[int, int]:
-    major, minor = version.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
 
 
 def resolve_dtype(name: str, device: torch.device, version: tuple[int, int] | None = None) -> torch.dtype:
@@ -325,7 +326,7 @@ def set_matmul_precision(device: torch.device, dtype: torch.dtype) -> str:
     """TF32 matmuls where `uses_tf32` says so; returns what the matmuls run in, for the header line."""
     tf32 = uses_tf32(device.type, dtype, cuda_capability(device))
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return "tf32" if tf32 else dtype_name(dtype)
 
 
@@ -383,7 +384,9 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     if world == 1:
         return Dist(), resolve_device(device_name)
     d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    device = resolve_device(device_name)
+    device = device_of(device_name)  # each process takes its own GPU below: no context on another one
+    if device.type == "cpu":
+        keep_freed_memory()
     if device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
