@@ -82,8 +82,13 @@ async def finish_job(job: Job, disconnected: Callable[[], Any]) -> None:
         job.cancel()
 
 
+# JSON leaves these raw, yet clients that split lines as Python's str.splitlines does (httpx) break on them
+_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    """One server-sent event: UTF-8 JSON on one line, whatever the client takes for a line break."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':')).translate(_LINE_BREAKS)}\n\n"
 
 
 async def stream_events(job: Job, disconnected: Callable[[], Any], chunk: Callable[[Choice, str], Any],
