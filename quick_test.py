@@ -21,7 +21,7 @@ from minigpt.cli import cli_command, script_app
 from minigpt.config import QuickTestConfig, Sampling
 from minigpt.corpus import iter_documents
 from minigpt.data import TokenData, eval_windows, parse_tag, tag_ids_of
-from minigpt.evaluate import evaluate, unigram_baseline
+from minigpt.evaluate import evaluate, no_better_than_unigram, unigram_baseline
 from minigpt.generate import generate_many
 from minigpt.utils import UserError, console, resolve_device, rule
 
@@ -89,7 +89,8 @@ def main(cfg: QuickTestConfig) -> None:
     console.print(t)
     console.print(f"val_bpb {score.bpb:.4f}")
     if score.loss >= unigram.loss:
-        console.print("[bold red]the model is no better than a unigram baseline: train longer or check the data[/]")
+        advice = no_better_than_unigram(run.folder.parent, data.train.tokens, score.bpb, unigram.bpb)
+        console.print(f"[bold red]{escape(advice)}[/]", highlight=False)
         raise typer.Exit(1)
     console.print(f"[green]better than the unigram baseline by {unigram.bpb - score.bpb:.3f} bits per byte[/]")
 

@@ -50,8 +50,10 @@ if [[ "$DEVICE" == cuda* ]] || { [[ "$DEVICE" == auto ]] && "$PY" -c "import sys
 else
   RECIPE=cpu
 fi
+TRAIN=(--recipe "$RECIPE")
+# a preset given here is kept as it is; the recipe's may shrink to fit a small corpus (03_train.py says so)
+[[ -n "$PRESET" ]] && TRAIN+=(--preset "$PRESET")
 PRESET=${PRESET:-$("$PY" -c "import sys; from minigpt.config import RECIPES; print(RECIPES[sys.argv[1]]['preset'])" "$RECIPE")}
-TRAIN=(--recipe "$RECIPE" --preset "$PRESET")
 [[ -n "$MAX_STEPS" ]] && TRAIN+=(--max-steps "$MAX_STEPS")
 [[ -n "$MAX_MINUTES" ]] && TRAIN+=(--max-minutes "$MAX_MINUTES")
 

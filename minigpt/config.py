@@ -245,7 +245,11 @@ class TrainConfig:
     eval_tokens: int = eval_tokens_opt()
     sample_every: int = opt(0, help="Steps between printed samples (0: at each evaluation).")
     save_every: int = opt(0, help="Steps between checkpoints (0: at each evaluation).")
-    patience: int = opt(0, help="Stop after this many evaluations without a better val loss (0: never).")
+    patience: int = opt(0, help="Stop after this many evaluations without a better val loss, going back to the best "
+                                "point to decay the learning rate there when it had not decayed (0: never).")
+    fit_data: bool = opt(True, help="A run that would read its train split more than 4 times is fitted to it: a model "
+                                    "and an epoch budget sized to the text, an evaluation every epoch, patience, "
+                                    "dropout (each rule says so; an option given wins over its rule).")
     max_bad_steps: int = opt(5, help="Stop when this many updates in a row have a non-finite loss or gradient.")
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ and languages, and it does not drift when only part of a split is scored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -27,7 +28,17 @@ from .checkpoint import Loaded, load_run
 from .config import EvalConfig, PrepareConfig
 from .corpus import Stats, iter_documents, read_documents
 from .data import TokenData, Window, eval_windows, parse_tag, sliding_windows, tag_ids_of, token_byte_lengths
-from .utils import Dist, UserError, atomic_open, autocast, console, progress, resolve_device, resolve_dtype
+from .utils import (
+    Dist,
+    UserError,
+    atomic_open,
+    autocast,
+    console,
+    progress,
+    read_json,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 @dataclass
@@ -115,10 +126,38 @@ def unigram_baseline(data: TokenData, windows: list[Window]) -> Score:
     trained model must beat."""
     counts = np.zeros(data.vocab_size, dtype=np.float64)
     for arr in data.train.arrays:
-        counts += np.bincount(arr, minlength=data.vocab_size)
+        for i in range(0, len(arr), 1 << 24):  # bincount widens to int64: a chunk at a time bounds the memory
+            counts += np.bincount(arr[i:i + (1 << 24)], minlength=data.vocab_size)
     logp = np.log((counts + 1) / (counts.sum() + data.vocab_size))  # unseen tokens keep some mass
     targets = window_targets(data.val.arrays, windows)
     return Score.of(float(-logp[targets].sum()), int(targets.size), int(data.token_bytes[targets].sum()))
+
+
+def no_better_than_unigram(run_dir: Path, train_tokens: int, bpb: float, unigram_bpb: float) -> str:
+    """Why a run's model (`bpb` on val) is no better than a unigram model of its train tokens, and what would
+    help, from its metrics.jsonl and last checkpoint: a model that memorised the train split needs more text
+    or fewer weights, not more steps."""
+    said = f"the model is no better than a unigram model of the train tokens ({bpb:.3f} against {unigram_bpb:.3f} bits per byte)"
+    metrics, state_path = run_dir / "metrics.jsonl", run_dir / "last" / "trainer_state.json"
+    records = []
+    for line in metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []:
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill
+            records.append(json.loads(line))
+    evals = [r for r in records if "val_loss" in r]
+    train = [r["loss"] for r in records if "loss" in r][-5:]
+    if not evals or not train or not state_path.exists():  # not a run trained here (imported, quantized)
+        return said + "."
+    state = read_json(state_path, "trainer state")
+    per_step = state["tokens_seen"] / max(state["step"], 1) / max(train_tokens, 1)  # epochs per step
+    best = min(evals, key=lambda r: r["val_loss"])
+    said += (f": {train_tokens:,} train tokens read {state['step'] * per_step:.1f} times, val best at step "
+             f"{best['step']} (epoch {best['step'] * per_step:.1f})")
+    train_loss = sum(train) / len(train)
+    if train_loss < 0.8 * best["val_loss"]:
+        return (said + f", the train loss down to {train_loss:.2f} against val's {best['val_loss']:.2f}: the model "
+                "memorised the train split. More text helps most, then a smaller model (--preset, --n-layer, "
+                "--n-embd); more steps would not.")
+    return said + f", the train loss still {train_loss:.2f}: the model has not learnt yet; train longer (--max-steps)."
 
 
 # --------------------------------------------------------------------------------------------------

@@ -242,6 +242,12 @@ class GPT(nn.Module):
         return flops_per_token(self.cfg)
 
 
+def weight_count(c: ModelConfig) -> int:
+    """The weights of a model of this shape, from the shape alone (`GPT.num_params` without building it)."""
+    per_block = 4 * c.n_embd * c.n_embd + (3 if c.mlp == "swiglu" else 2) * c.n_embd * c.mlp_hidden + 2 * c.n_embd
+    return c.n_layer * per_block + c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2) + c.n_embd
+
+
 def flops_per_token(c: ModelConfig) -> float:
     """Training FLOPs per token: 6 x the weights used in matmuls + attention scores (PaLM, appendix B).
 

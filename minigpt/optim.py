@@ -33,6 +33,14 @@ def lr_at(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * share)
 
 
+def decay_lr(step: int, start: int, steps: int, peak: float, cfg: TrainConfig) -> float:
+    """After going back to the best point at step `start`: linear from `peak` towards min_lr_ratio * lr, which
+    the step after the last of `steps` would reach (so that even one step is below the peak)."""
+    share = max(0.0, 1.0 - (step - start + 1) / (steps + 1))
+    end = cfg.min_lr_ratio * cfg.lr
+    return end + (peak - end) * share
+
+
 # --lr 0: 2e-3 at 128 wide (it beat 1e-3 at equal time on both held-out sets; docs/LOG.md), shrinking as
 # 1/sqrt(width) to the 1e-3 that a 512-wide model trains at
 AUTO_LR, AUTO_LR_WIDTH = 2e-3, 128

@@ -30,7 +30,8 @@ from .data import accumulation, find_tokenized
 from .optim import auto_lr
 from .utils import Dist, UserError, console, device_of, read_json, resolve_dtype
 
-STATE_VERSION = 2  # 1: before the version was written (read the same way, with the fields it lacks derived)
+STATE_VERSION = 3  # 1: before the version was written (read the same way, with the fields it lacks derived); 3: the
+# decay after going back to the best point, which an older minigpt would drop
 
 
 @dataclass
@@ -51,6 +52,12 @@ class TrainerState:
     probe_tokens: int | None = None  # the evaluation subset (None: every --eval-tokens window, as before subsets)
     rows_per_step: int | None = None
     max_steps_asked: int | None = None  # --max-steps before --max-epochs cut it
+    best_step: int = 0  # where val loss was best, and the learning rate there
+    best_lr: float = 0.0
+    decay_from: int = 0  # out of patience: the step that went back to the best weights, the step it went back to,
+    rewound_to: int = 0  # and the length of the decay from there
+    decay_steps: int = 0
+    decay_peak: float = 0.0  # the learning rate the decay starts from (best_lr moves on as the decay improves)
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, **dataclasses.asdict(self)}
@@ -103,6 +110,7 @@ CHANGES_LOSSES = frozenset({"max_steps", "max_minutes", "max_epochs", "device", 
                             "cooldown", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
                             "muon_momentum"})  # the budgets move the schedule's decay; a batch must stay (below)
 NAMING = frozenset({"name", "runs_dir", "resume"})  # find the run: never compared
+AT_START = frozenset({"fit_data"})  # its rules ran when the run began (their outcome is saved): never compared
 SAVED_BEFORE = {"schedule": "cosine"}  # a run saved before a setting existed trained with this value of it
 
 
@@ -193,7 +201,7 @@ def resumed_config(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] 
     changed: dict[str, tuple[Any, Any]] = {}
     for f in fields:
         now = getattr(cfg, f.name)
-        if f.name in NAMING or f.name not in before:
+        if f.name in NAMING | AT_START or f.name not in before:
             values[f.name] = now
             continue
         old = before[f.name]

@@ -32,7 +32,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import load_model, save_checkpoint
 from .compilation import (
-    CPU_EAGER_FLOPS,
     compile_marker,
     compile_plan,
     cpp_compiler,
@@ -41,10 +40,11 @@ from .compilation import (
 )
 from .config import ModelConfig, Sampling, TrainConfig, model_config
 from .data import BatchSampler, TokenData, accumulation, eval_windows, load_tokenizer
-from .evaluate import Score, evaluate
+from .evaluate import Score, evaluate, no_better_than_unigram, unigram_baseline
 from .generate import generate
-from .model import GPT, flops_per_token
-from .optim import Optimizers, auto_lr, lr_at
+from .model import GPT
+from .optim import Optimizers, auto_lr, decay_lr, lr_at
+from .plan import epoch_steps, fit_to_data
 from .resume import (
     Resumed,
     TrainerState,
@@ -68,6 +68,7 @@ from .utils import (
     human_time,
     init_distributed,
     peak_flops,
+    read_json,
     resolve_dtype,
     set_matmul_precision,
     sync,
@@ -78,48 +79,12 @@ from .utils import (
 # whole split's; the end of the run scores all --eval-tokens.
 EVAL_PROBE_SHARE = 8
 EVAL_PROBE_MIN = 16_384  # tokens: fewer would make the best-checkpoint choice noisy
-SMALL_DATA_EPOCHS = 4  # a run planned to read its train split more often than this gets dropout (docs/LOG.md)
-SMALL_DATA_DROPOUT = 0.1
 
 
-def epoch_steps(epochs: float, train_tokens: int, tokens_per_step: int) -> int:
-    """The steps that read the train split `epochs` times (at least one)."""
-    return max(1, math.ceil(epochs * train_tokens / tokens_per_step))
-
-
-def planned_steps(cfg: TrainConfig, mcfg: ModelConfig, rows: int, device: torch.device, train_tokens: int,
-                  world: int = 1) -> int:
-    """The steps this run will likely take: --max-steps, or fewer where --max-epochs or --max-minutes ends it
-    first, the latter estimated from the model's FLOPs at a typical rate (CPU_EAGER_FLOPS on CPU, 40% of a
-    known GPU's peak)."""
-    steps = cfg.max_steps
-    if cfg.max_epochs:
-        steps = min(steps, epoch_steps(cfg.max_epochs, train_tokens, rows * mcfg.block_size))
-    # `rows` counts every process's: on GPUs each brings its own FLOPs (CPU processes share the cores)
-    rate = CPU_EAGER_FLOPS if device.type == "cpu" else 0.4 * (peak_flops(device) or 0) * world
-    if not (cfg.max_minutes and rate):
-        return steps
-    step_seconds = rows * mcfg.block_size * flops_per_token(mcfg) / rate
-    return min(steps, int(cfg.max_minutes * 60 / step_seconds))
-
-
-def new_model(cfg: TrainConfig, overrides: dict[str, Any], data: TokenData, d: Dist, device: torch.device) -> GPT:
-    """The preset with the model options given, initialised from --seed; a run that would read a small
-    corpus many times over gets dropout unless --dropout says."""
+def new_model(cfg: TrainConfig, overrides: dict[str, Any], vocab_size: int) -> GPT:
+    """The preset with the model options given, initialised from --seed."""
     torch.manual_seed(cfg.seed)
-    mcfg = model_config(cfg.preset, data.vocab_size, overrides)
-    if overrides.get("dropout") is None and not mcfg.dropout:
-        rows, _ = accumulation(cfg, mcfg.block_size, d.world)
-        steps = planned_steps(cfg, mcfg, rows, device, data.train.tokens, d.world)
-        epochs = steps * rows * mcfg.block_size / max(data.train.tokens, 1)
-        if epochs > SMALL_DATA_EPOCHS:
-            mcfg = dataclasses.replace(mcfg, dropout=SMALL_DATA_DROPOUT)
-            if d.main:
-                about = "" if steps == cfg.max_steps else "about "
-                console.print(f"dropout {SMALL_DATA_DROPOUT}: {about}{steps:,} steps would read the "
-                              f"{data.train.tokens:,} train tokens {epochs:.0f} times (--dropout 0 to train without "
-                              "it)", highlight=False)
-    return GPT(mcfg)
+    return GPT(model_config(cfg.preset, vocab_size, overrides))
 
 
 def wrap(model: GPT, compiled: bool, mode: str, device: torch.device, world: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -316,7 +281,7 @@ class Trainer:
     `validate` and `save` until the steps, the time or the patience run out, or Ctrl-C."""
 
     def __init__(self, cfg: TrainConfig, overrides: dict[str, Any], d: Dist, device: torch.device,
-                 resumed: Resumed | None = None) -> None:
+                 resumed: Resumed | None = None, given: Set[str] | None = None) -> None:
         if cfg.resume and resumed is None:
             resumed = resume(cfg, overrides, None, d.world, d.rank)
         cfg = resumed.cfg if resumed is not None else cfg
@@ -333,7 +298,11 @@ class Trainer:
             if (self.run_dir / "last").exists() and d.main:
                 console.print(f"[yellow]{self.run_dir} already holds a run; starting over (use --resume to continue "
                               "it)[/]")
-            model = new_model(cfg, overrides, data, d, device)
+            fitted = fit_to_data(cfg, overrides, given, data.train.tokens, data.vocab_size, device, d.world)
+            for line in fitted.rules if d.main else ():
+                console.print(line, highlight=False)
+            cfg = fitted.cfg
+            model = new_model(cfg, fitted.overrides, data.vocab_size)
         self.mcfg: ModelConfig = model.cfg
         if not cfg.lr:  # sized to the width, and saved so: a resumed run sizes it the same way
             cfg = dataclasses.replace(cfg, lr=auto_lr(model.cfg))
@@ -349,6 +318,12 @@ class Trainer:
                 if d.main:
                     console.print(f"max steps {steps:,}: {cfg.max_epochs:g} epochs of {data.train.tokens:,} train "
                                   "tokens (--max-epochs)", highlight=False)
+        if state.decay_from:  # gone back to the best point: the run ends where that decay does
+            end = state.decay_from + state.decay_steps
+            if d.main and given and {"max_steps", "max_epochs"} & set(given):
+                console.print(f"this run went back to step {state.rewound_to}'s weights at step {state.decay_from}: it "
+                              f"ends with that decay, at step {end} (the budget given does not move it)", highlight=False)
+            cfg = dataclasses.replace(cfg, max_steps=end)
         self.cfg = cfg
         data.check_context(self.mcfg.block_size)
         model.grad_checkpoint = cfg.grad_checkpoint
@@ -390,6 +365,9 @@ class Trainer:
         # where the run stands: restored when resuming
         self.step = self.start_step = state.step
         self.best, self.best_bpb, self.bad_evals = state.best_val_loss, state.best_val_bpb, state.bad_evals
+        self.best_step, self.best_lr, self.lr = state.best_step, state.best_lr, 0.0
+        self.decay_from, self.rewound_to, self.decay_steps = state.decay_from, state.rewound_to, state.decay_steps
+        self.decay_peak = state.decay_peak
         self.clock = Clock(cfg, d, device, state.train_seconds)
         self.health = Health(device)
         self.loss_sum = torch.zeros((), device=device)  # summed on the device, read at log steps
@@ -423,7 +401,9 @@ class Trainer:
             scaler=self.scaler.state_dict() or None, best_val_loss=self.best, best_val_bpb=self.best_bpb,
             bad_evals=self.bad_evals, train_seconds=elapsed, tokens_seen=self.step * self.tokens_per_step,
             cpu_compiled=bool(self.compiled) if self.device.type == "cpu" else None, probe_tokens=self.probe_tokens,
-            rows_per_step=self.rows_per_step, max_steps_asked=self.max_steps_asked)
+            rows_per_step=self.rows_per_step, max_steps_asked=self.max_steps_asked, best_step=self.best_step,
+            best_lr=self.best_lr, decay_from=self.decay_from, rewound_to=self.rewound_to, decay_steps=self.decay_steps,
+            decay_peak=self.decay_peak)
 
     def save(self, tag: str, elapsed: float, extra: dict[str, Any] | None = None) -> bool:
         """Write a checkpoint; a failed write (disk full...) is reported and leaves the previous one."""
@@ -431,9 +411,10 @@ class Trainer:
         if not self.d.main:
             return True
         last = tag == "last"
+        rewindable = tag == "best" and self.cfg.patience > 0 and self.d.world == 1  # `rewind` reads its optimizer
         try:
             save_checkpoint(self.run_dir, tag, self.raw_model, self.config_json | {"step": self.step, **(extra or {})},
-                            self.data.tokenizer_json, self.optimizer if last else None,
+                            self.data.tokenizer_json, self.optimizer if last or rewindable else None,
                             state.state_dict() if last else None)
             return True
         except OSError as e:
@@ -452,6 +433,7 @@ class Trainer:
         """Gradients of one batch, clipped, then the update (skipped when not finite); returns the norm
         before clipping."""
         self.optimizer.set_lr(lr)
+        self.lr = lr
         loss = self._gradients(self.sampler.batch(self.rows_per_step, self.d, self.device))
         self.loss_sum += loss
         for optimizer in self.optimizer.all:
@@ -548,6 +530,7 @@ class Trainer:
         improved = score.loss < self.best
         if improved:
             self.best, self.best_bpb, self.bad_evals = score.loss, score.bpb, 0
+            self.best_step, self.best_lr = self.step, self.lr
         else:
             self.bad_evals += 1
         if self.d.main:
@@ -592,12 +575,14 @@ class Trainer:
         stop: Stop | None = None
         last_eval: Score | None = None
         with clock.ctrl_c(), progress_bar(self.d.main, cfg.max_steps, self.step) as bar:
-            while self.step < cfg.max_steps:
-                lr = lr_at(self.step, cfg, clock.time_used(self.step, first=self.step == step_log))
+            while self.step < self.cfg.max_steps:
+                time_used = clock.time_used(self.step, first=self.step == step_log)
+                lr = (decay_lr(self.step, self.decay_from, self.decay_steps, self.decay_peak, cfg) if self.decay_from
+                      else lr_at(self.step, cfg, time_used))
                 norm = self.train_step(lr)
-                bar(self.step)
+                bar(self.step, self.cfg.max_steps)
 
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if self.step % cfg.log_every == 0 or self.step == self.cfg.max_steps:
                     sync(self.device)  # the clock reads the work done, not only the work queued (CUDA, MPS)
                     unhealthy = self.log_step(lr, norm, self.step - step_log, time.perf_counter() - t_log)
                     t_log, step_log = time.perf_counter(), self.step
@@ -619,31 +604,72 @@ class Trainer:
     def _between_steps(self, stop: Stop | None) -> tuple[Score | None, Stop | None]:
         """Evaluation, samples and checkpoints due after this step (all of them when the run ends,
         except after Ctrl-C, which only saves)."""
-        cfg, elapsed, score = self.cfg, self.clock.elapsed(), None
+        cfg, elapsed, score, rewound = self.cfg, self.clock.elapsed(), None, False
         wrap_up = stop is not None and not stop.interrupted
         if self.step % cfg.eval_every == 0 or wrap_up:
             score, out_of_patience = self.validate(elapsed)
-            if out_of_patience and (stop is None or stop.reason == Stop().reason):
-                stop = Stop(f"no better val loss in {cfg.patience} evaluations")
+            # back to the best point only before the budget's end, whose schedule has decayed already; also at a
+            # Ctrl-C, so that the resumed run goes on as an uninterrupted one would
+            rewound = out_of_patience and (stop is None or stop.interrupted) and self.rewind()
+            if out_of_patience and not rewound and (stop is None or stop.reason == Stop().reason):
+                again = f", again while decaying from step {self.rewound_to}'s weights" if self.decay_from else ""
+                stop = Stop(f"no better val loss in {cfg.patience} evaluations{again}")
                 wrap_up = True
             if wrap_up and self.probe is not self.windows:
                 score = self.score_whole()
         if self.d.main and (self.step % (cfg.sample_every or cfg.eval_every) == 0 or wrap_up):
             assert self.tok is not None
             console.print(f"[dim]sample:[/] {sample(self.raw_model, self.tok, self.data.meta['eot_id'], self.step)!r}")
-        if self.step % (cfg.save_every or cfg.eval_every) == 0 or stop is not None:
-            saved = self.save("last", elapsed)
+        if self.step % (cfg.save_every or cfg.eval_every) == 0 or stop is not None or rewound:
+            saved = self.save("last", elapsed)  # after going back: a crash resumes into the decay
             if stop is not None and not saved:
                 stop.failed = True
                 stop.reason += " (the final checkpoint could not be written)"
         return score, stop
 
+    def rewind(self) -> bool:
+        """Out of patience while the learning rate was still high at the best point: back to the best
+        checkpoint's weights and optimizer, then a decay of the learning rate over --cooldown's share of the
+        steps up to it, so that the kept model is a decayed one. False where it does not (under torchrun, after
+        one decay, where the best point had itself decayed, where the decay would not fit in the steps or time
+        left, or where best/ is not that point's); the run then stops."""
+        cfg, folder = self.cfg, self.run_dir / "best"
+        steps = max(1, math.ceil(cfg.cooldown * self.best_step))
+        per_step = (self.clock.elapsed() - self.clock.before) / max(self.step - self.start_step, 1)  # evaluations too
+        fits = self.step + steps <= cfg.max_steps and (
+            not cfg.max_minutes or self.clock.elapsed() + steps * per_step <= cfg.max_minutes * 60)
+        if self.d.world > 1 or self.decay_from or self.best_lr < 0.5 * cfg.lr or not fits:
+            return False
+        if not (folder / "optimizer.pt").exists():
+            return False
+        saved = read_json(folder / "config.json", "checkpoint config")
+        if saved.get("step") != self.best_step or saved.get("model") != json.loads(json.dumps(dataclasses.asdict(self.mcfg))):
+            return False  # its save failed, or it is another run's
+        best, _ = load_model(folder, "cpu")  # no second copy on the device
+        self.raw_model.load_state_dict(best.state_dict())
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True),
+                                       folder)
+        self.decay_from, self.rewound_to, self.decay_steps, self.decay_peak = self.step, self.best_step, steps, self.best_lr
+        self.cfg = self.clock.cfg = dataclasses.replace(cfg, max_steps=self.step + steps)
+        self.bad_evals = 0
+        if self.d.main:
+            console.print(f"no better val loss in {cfg.patience} evaluations: back to step {self.best_step}'s weights "
+                          f"(val loss {self.best:.4f}), decaying the learning rate over {steps} steps (to step "
+                          f"{self.cfg.max_steps})", highlight=False)
+        return True
+
     def finish(self, stop: Stop, last_eval: Score | None) -> dict[str, Any]:
-        """The summary (and, on the main process, the loss plot and what to do next)."""
+        """The summary (and, on the main process, the loss plot, what to do next, and why a model that is no
+        better than a unigram model of the train tokens is so)."""
         step = self.step
+        if self.decay_from and stop.reason == Stop().reason:
+            stop.reason = f"out of patience at step {self.decay_from}, then decayed from the best point (step {self.rewound_to})"
+        scored = self.d.main and not stop.interrupted and math.isfinite(self.best)  # a bincount of the train split
+        unigram = unigram_baseline(self.data, self.probe) if scored else None
         summary = {
             "run": str(self.run_dir), "steps": step, "stop_reason": stop.reason,
             "best_val_loss": self.best, "best_val_bpb": self.best_bpb,
+            "unigram_val_bpb": unigram.bpb if unigram else None,
             "last_val_loss": last_eval.loss if last_eval else None,
             "tokens_seen": step * self.tokens_per_step, "train_seconds": self.clock.elapsed(),
             "params": self.raw_model.num_params(), "device": str(self.device),
@@ -652,6 +678,9 @@ class Trainer:
         if self.d.main:
             _plot(self.metrics_path, self.run_dir / "loss.png")
             say_how_to_resume(stop, step, self.run_dir, self.d.world)
+            if unigram and self.best >= unigram.loss:
+                advice = no_better_than_unigram(self.run_dir, self.data.train.tokens, self.best_bpb, unigram.bpb)
+                console.print(f"[bold yellow]{escape(advice)}[/]", highlight=False)
         return summary
 
 
@@ -724,10 +753,10 @@ def train(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] | None = 
     resumed = resume(cfg, overrides, given, world, rank) if cfg.resume else None
     d, device = init_distributed(resumed.cfg.device if resumed else cfg.device)
     if d.world == 1:
-        return Trainer(cfg, overrides, d, device, resumed).run()
+        return Trainer(cfg, overrides, d, device, resumed, given).run()
     trainer = None
     try:
-        trainer = Trainer(cfg, overrides, d, device, resumed)
+        trainer = Trainer(cfg, overrides, d, device, resumed, given)
         summary = trainer.run()
         # Leave together: rank 0 still samples and plots after the last collective, and a process that
         # tears its connections down while a peer still holds them open can abort at exit.
@@ -746,13 +775,13 @@ def train(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] | None = 
 def progress_bar(main: bool, total: int, done: int) -> Iterator[Any]:
     """A bar on a terminal; in a log file the dense step lines say it all."""
     if not (main and console.is_terminal):
-        yield lambda step: None
+        yield lambda step, total: None
         return
     bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=console, transient=True)
     task = bar.add_task("train", total=total, completed=done)
     with bar:
-        yield lambda step: bar.update(task, completed=step)
+        yield lambda step, total: bar.update(task, completed=step, total=total)
 
 
 def _trim_metrics(path: Path, keep_through: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -18,6 +19,7 @@ from minigpt.cli import app as cli_app
 from minigpt.cli import script_app
 from minigpt.config import PrepareConfig, TokenizerConfig, TrainConfig
 from minigpt.corpus import prepare
+from minigpt.model import GPT
 from minigpt.tokenizer import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +121,8 @@ def tokens(toy_dataset: Path) -> Path:
 
 def train_cfg(tokens: Path, runs: Path, **kw) -> TrainConfig:
     base = dict(data=str(tokens), runs_dir=str(runs), name="run", batch_size=8, max_steps=30, lr=3e-3,
-                warmup_steps=5, log_every=1, eval_every=10, eval_tokens=2048, sample_every=1000, device="cpu")
+                warmup_steps=5, log_every=1, eval_every=10, eval_tokens=2048, sample_every=1000, device="cpu",
+                fit_data=False)  # the small-data rules would refit the toy corpus; test_small_data tests them
     return TrainConfig(**(base | kw))
 
 
@@ -129,3 +132,18 @@ def metrics(run: Path) -> list[dict]:
 
 def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
+
+
+def ctrl_c_during(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """SIGINT in the middle of training step `step` (counted from 1): the trainer's handler finishes the step,
+    saves and stops."""
+    forward, calls = GPT.forward, [0]
+
+    def patched(self, idx, targets=None, cache=None, last_only=False):
+        if self.training and targets is not None:
+            calls[0] += 1
+            if calls[0] == step:
+                os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, idx, targets, cache, last_only)
+
+    monkeypatch.setattr(GPT, "forward", patched)
