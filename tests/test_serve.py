@@ -533,6 +533,9 @@ def test_the_page_streams_text_in_headless_chromium(served: dict, tmp_path: Path
             page.fill("#prompt", "")  # from a document start: the tag alone decides the language
             page.fill("#temperature", "0")
             page.fill("#max_tokens", "300")
+            with page.expect_response(lambda r: r.url.endswith("/info")):  # a reload keeps the values typed
+                page.dispatch_event("#key", "change")
+            page.evaluate("() => new Promise(done => setTimeout(done, 200))")  # the reload's handler has run
             page.evaluate("""() => { window.changes = 0;  // every change of the streamed text, as it happens
                 new MutationObserver(() => window.changes++).observe(document.getElementById('output'),
                     {childList: true, subtree: true, characterData: true}); }""")
@@ -555,7 +558,7 @@ def test_the_page_streams_text_in_headless_chromium(served: dict, tmp_path: Path
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert final == "".join(c["text"] for chunk in chunks for c in chunk["choices"])  # the usage event has none
-    assert request["tags"] == {"lang": "tt"} and request["temperature"] == 0 and request["max_tokens"] == 300
+    assert request["tags"] == {"lang": "tt"} and request["temperature"] == 0 and request["max_tokens"] == 300, request
     idle(served)
     r = httpx.post(served["base"] + "/v1/completions", headers=AUTH, timeout=60, json={
         "prompt": "", "max_tokens": 300, "temperature": 0, "tags": {"lang": "en"}})
