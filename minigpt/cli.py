@@ -68,7 +68,7 @@ def cli_command(
             hints = typing.get_type_hints(cls)
             recipes = {f.name for f in dataclasses.fields(cls)} >= {"recipe"}
             for f in dataclasses.fields(cls):
-                if f.name in params or f.name in skip:
+                if f.name in params or f.name in skip or f.metadata.get("cli") is False:
                     continue  # shared fields (device, seed...) appear once and feed every class
                 flag, help_text, annotation = "--" + f.name.replace("_", "-"), f.metadata["help"], hints[f.name]
                 if recipes and f.name in RECIPE_OPTIONS:  # None: the recipe, else the default, decides
@@ -281,7 +281,8 @@ def info_cmd(cfg: InfoConfig) -> None:
     t = Table(title=escape(f"{r['run']} ({r['checkpoint']})"), title_justify="left")
     t.add_column("")
     t.add_column("")
-    t.add_row("model", f"{m['n_layer']} layers x {m['n_embd']} wide, {m['n_head']} heads, context {m['block_size']}, "
+    kv = f" ({m['n_kv_head']} key/value)" if m.get("n_kv_head") and m["n_kv_head"] != m["n_head"] else ""
+    t.add_row("model", f"{m['n_layer']} layers x {m['n_embd']} wide, {m['n_head']} heads{kv}, context {m['block_size']}, "
               f"{m['mlp']}, {'tied' if m['tie_embeddings'] else 'untied'} embeddings; {r['parameters']:,} parameters")
     t.add_row("tokenizer", f"{tok['kind']}, vocab {tok['vocab_size']:,}")
     t.add_row("weights", f"{r['quantization']} ({r['matmul']})" + (

@@ -143,20 +143,39 @@ class ModelConfig:
     block_size: int = opt(256, help="Context length in tokens.")
     n_layer: int = opt(6, help="Transformer blocks.")
     n_head: int = opt(8, help="Attention heads per block.")
+    n_kv_head: int = opt(0, help="Key/value heads, shared by groups of query heads (grouped-query attention; 0: as "
+                                 "many as --n-head).")
     n_embd: int = opt(512, help="Model width (embedding dimension).")
     mlp: str = opt("swiglu", help="MLP kind: swiglu or gelu.")
     dropout: float = opt(0.0, help="Dropout on embeddings, attention and residual branches.")
     tie_embeddings: bool = opt(True, help="Share the token embedding with the output head.")
     rope_theta: float = opt(10000.0, help="RoPE base.")
     norm_eps: float = opt(1e-5, help="RMSNorm epsilon.")
+    # Llama 3's long-context RoPE frequencies ({"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"}): set by an imported model, never a flag
+    rope_scaling: dict[str, Any] | None = opt(None, help="RoPE frequency scaling (an imported model's).", cli=False)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise UserError(f"n_embd {self.n_embd} must split into {self.n_head} heads of even size.")
+        if self.n_kv_head < 0 or self.n_head % self.kv_heads:
+            raise UserError(f"n_kv_head {self.n_kv_head} must divide n_head {self.n_head} (0: as many as n_head).")
+        if self.rope_scaling is not None:
+            keys = {"rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            if self.rope_scaling.get("rope_type") != "llama3" or set(self.rope_scaling) != keys:
+                raise UserError(f"rope_scaling must be Llama 3's ({', '.join(sorted(keys))}), got {self.rope_scaling}.")
         if self.mlp not in ("swiglu", "gelu"):
             raise UserError(f"mlp must be swiglu or gelu, got {self.mlp!r}.")
         if self.block_size < 2:
             raise UserError(f"block_size must be at least 2, got {self.block_size}.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
 
     @property
     def mlp_hidden(self) -> int:

@@ -52,17 +52,17 @@ def llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
     if cfg.mlp != "swiglu":
         raise UserError(f"a --mlp {cfg.mlp} model has no Llama equivalent (Llama's MLP is SwiGLU); export needs a "
                         "run trained with --mlp swiglu.")
-    C, hidden = cfg.n_embd, cfg.mlp_hidden
+    C, KV, hidden = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.mlp_hidden
     out = {"model.embed_tokens.weight": _weight(model.wte), "model.norm.weight": model.norm_f.weight.detach().float()}
     for i, block in enumerate(model.blocks):
         p = f"model.layers.{i}."
-        qkv = _weight(block.attn.qkv).clone()  # rows: q (C), k (C), v (C), each head after head
+        qkv = _weight(block.attn.qkv).clone()  # rows: q (C), k and v (KV heads x head size each), head after head
         up = _weight(block.mlp.up).clone()  # rows: gate (hidden), up (hidden)
         out |= {
             p + "input_layernorm.weight": block.norm1.weight.detach().float(),
             p + "post_attention_layernorm.weight": block.norm2.weight.detach().float(),
-            p + "self_attn.q_proj.weight": qkv[:C], p + "self_attn.k_proj.weight": qkv[C : 2 * C],
-            p + "self_attn.v_proj.weight": qkv[2 * C :], p + "self_attn.o_proj.weight": _weight(block.attn.proj),
+            p + "self_attn.q_proj.weight": qkv[:C], p + "self_attn.k_proj.weight": qkv[C : C + KV],
+            p + "self_attn.v_proj.weight": qkv[C + KV :], p + "self_attn.o_proj.weight": _weight(block.attn.proj),
             p + "mlp.gate_proj.weight": up[:hidden], p + "mlp.up_proj.weight": up[hidden:],
             p + "mlp.down_proj.weight": _weight(block.mlp.down),
         }
@@ -73,13 +73,14 @@ def llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
 
 def llama_config(loaded: Loaded) -> dict[str, Any]:
     cfg, eot = loaded.model.cfg, loaded.eot
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta} | (cfg.rope_scaling or {})
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
         "rope_parameters": rope, "rope_theta": cfg.rope_theta,  # transformers 5 reads the first, 4.x the second
+        "rope_scaling": cfg.rope_scaling,
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
         "mlp_bias": False, "initializer_range": 0.02, "use_cache": True,
         "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "dtype": "float32",
@@ -135,7 +136,8 @@ def model_card(loaded: Loaded, fmt: str, note: str) -> str:
         "A small decoder-only GPT trained from scratch with minigpt.", "",
         "| | |", "| --- | --- |",
         f"| data | {Path(str(data.get('dataset'))).name} ({data.get('kind')} tokenizer, vocab {c.vocab_size:,}) |",
-        f"| shape | {c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads, context {c.block_size}, {mlp}, "
+        f"| shape | {c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads ({c.kv_heads} key/value), context "
+        f"{c.block_size}, {mlp}, "
         f"{'tied' if c.tie_embeddings else 'untied'} embeddings, {loaded.model.num_params():,} parameters |",
         f"| training | step {loaded.config.get('step')} of {train.get('max_steps')}, preset {train.get('preset')} |",
         f"| val bits per byte | {f'{best:.4f}' if best is not None else '-'} |",

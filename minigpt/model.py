@@ -35,7 +35,7 @@ class KVCache:
     """Keys and values of every layer for `rows` sequences of up to `max_len` positions, allocated once."""
 
     def __init__(self, cfg: ModelConfig, rows: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (cfg.n_layer, rows, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        shape = (cfg.n_layer, rows, cfg.kv_heads, max_len, cfg.head_dim)  # key/value heads only: GQA's saving
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
@@ -51,10 +51,25 @@ class KVCache:
 
 
 def rotary_tables(cfg: ModelConfig, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    head_dim = cfg.n_embd // cfg.n_head
+    head_dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    if cfg.rope_scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, cfg.rope_scaling)
     angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
     return angles.cos(), angles.sin()  # (length, head_dim / 2)
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3's long-context RoPE: wavelengths longer than the original context / low_freq_factor are slowed
+    by `factor`, those shorter than it / high_freq_factor kept, and the band between blended smoothly."""
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
+        s["high_freq_factor"] - s["low_freq_factor"])
+    blended = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    return torch.where((wavelen <= low_wavelen) & (wavelen >= high_wavelen), blended, out)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -67,8 +82,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        # rows: the queries (n_head heads), then the keys and the values (n_kv heads each)
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
@@ -78,27 +94,40 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """`cos`/`sin` broadcast against (B, T, 2, H, D/2): per position, or per row when decoding."""
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
-        qk = apply_rotary(qkv[:, :, :2], cos, sin)  # queries and keys rotated in one pass
-        q, k = qk.transpose(1, 3).unbind(dim=2)  # (B, H, T, D) each
-        v = qkv[:, :, 2].transpose(1, 2)
+        if self.n_kv == self.n_head:
+            qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
+            qk = apply_rotary(qkv[:, :, :2], cos, sin)  # queries and keys rotated in one pass
+            q, k = qk.transpose(1, 3).unbind(dim=2)  # (B, H, T, D) each
+            v = qkv[:, :, 2].transpose(1, 2)
+        else:  # grouped-query attention: fewer key/value heads than query heads
+            qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv, self.head_dim)
+            q, k, v = qkv.split((self.n_head, self.n_kv, self.n_kv), dim=2)
+            q = apply_rotary(q, cos[:, :, 0], sin[:, :, 0]).transpose(1, 2)  # (B, H, T, D)
+            k = apply_rotary(k, cos[:, :, 0], sin[:, :, 0]).transpose(1, 2)  # (B, H_kv, T, D)
+            v = v.transpose(1, 2)
         if cache is None:  # training and the plain reference
+            k, v = self._shared(k), self._shared(v)
             return self.proj(self._out(F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)))
         if write is not None:  # GPT.decode: one token per row, each at its own slot, fixed shapes
             cache.k[layer].scatter_(2, write, k)
             cache.v[layer].scatter_(2, write, v)
-            return self.proj(self._out(F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask)))
+            k, v = self._shared(cache.k[layer]), self._shared(cache.v[layer])
+            return self.proj(self._out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
         start = cache.pos  # GPT.prefill: T new tokens for every row, after the `start` cached ones
         cache.k[layer, :, :, start : start + T] = k
         cache.v[layer, :, :, start : start + T] = v
-        k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
+        k, v = self._shared(cache.k[layer, :, :, : start + T]), self._shared(cache.v[layer, :, :, : start + T])
         if start == 0:  # an empty cache: plain causal attention over the new tokens (the fast kernels)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # causal among the new tokens, a full view of the past
             visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         return self.proj(self._out(y))
+
+    def _shared(self, kv: torch.Tensor) -> torch.Tensor:
+        """(B, H_kv, T, D) keys or values as (B, H, T, D): each serves its group of query heads."""
+        return kv if self.n_kv == self.n_head else kv.repeat_interleave(self.n_head // self.n_kv, dim=1)
 
     @staticmethod
     def _out(y: torch.Tensor) -> torch.Tensor:
@@ -221,11 +250,10 @@ class GPT(nn.Module):
         `pos` must be below `cache.max_len`.
         """
         x = self.wte(tok[:, None])  # (rows, 1, C)
-        head_dim = self.cfg.n_embd // self.cfg.n_head
         # each row's angles, cast once here rather than in every layer: the step's kernel count is its cost
         cos = self.cos.index_select(0, pos).to(x.dtype)[:, None, None, None]
         sin = self.sin.index_select(0, pos).to(x.dtype)[:, None, None, None]
-        write = pos.view(-1, 1, 1, 1).expand(-1, self.cfg.n_head, 1, head_dim)
+        write = pos.view(-1, 1, 1, 1).expand(-1, self.cfg.kv_heads, 1, self.cfg.head_dim)
         # additive mask, built once for all layers: 0 up to each row's `pos`, -inf after it
         hidden = cache.slots[None, :] > pos[:, None]
         mask = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill(hidden, float("-inf"))[:, None, None]
@@ -244,8 +272,13 @@ class GPT(nn.Module):
 
 def weight_count(c: ModelConfig) -> int:
     """The weights of a model of this shape, from the shape alone (`GPT.num_params` without building it)."""
-    per_block = 4 * c.n_embd * c.n_embd + (3 if c.mlp == "swiglu" else 2) * c.n_embd * c.mlp_hidden + 2 * c.n_embd
+    per_block = attention_weights(c) + (3 if c.mlp == "swiglu" else 2) * c.n_embd * c.mlp_hidden + 2 * c.n_embd
     return c.n_layer * per_block + c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2) + c.n_embd
+
+
+def attention_weights(c: ModelConfig) -> int:
+    """One block's attention matrices: queries and output n_embd x n_embd each, keys and values per KV head."""
+    return 2 * c.n_embd * c.n_embd + 2 * c.n_embd * c.kv_heads * c.head_dim
 
 
 def flops_per_token(c: ModelConfig) -> float:
@@ -254,7 +287,7 @@ def flops_per_token(c: ModelConfig) -> float:
     From the shape alone: the blocks' Linear layers and the output head (a matmul whether tied or
     not, counted once); the embedding lookup is free.
     """
-    per_block = 4 * c.n_embd * c.n_embd + (3 if c.mlp == "swiglu" else 2) * c.n_embd * c.mlp_hidden
+    per_block = attention_weights(c) + (3 if c.mlp == "swiglu" else 2) * c.n_embd * c.mlp_hidden
     matmul = c.n_layer * per_block + c.vocab_size * c.n_embd
     return 6 * matmul + 12 * c.n_layer * c.n_embd * c.block_size
 

@@ -18,12 +18,13 @@ GREEDY = Sampling(temperature=0.0)
 EOT = 0
 
 
-@pytest.fixture(scope="module")
-def model() -> GPT:
+@pytest.fixture(scope="module", params=[0, 1], ids=["mha", "gqa"])
+def model(request: pytest.FixtureRequest) -> GPT:
     """Random weights, context 32 (rows slide often); the differences between logits are small, so a
-    context mix-up changes tokens."""
+    context mix-up changes tokens. Also with one key/value head for the two query heads."""
     torch.manual_seed(0)
-    return GPT(ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
+    return GPT(ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32,
+                           n_kv_head=request.param)).eval()
 
 
 def prompt(n: int, seed: int) -> list[int]:

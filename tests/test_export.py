@@ -28,8 +28,9 @@ SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64}
 
 @pytest.fixture(scope="module")
 def runs(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tied toy run, and an untied one on tagged text with a rotary base and norm epsilon of its own
-    (a converter that drops either would still match the defaults)."""
+    """A tied toy run, an untied one on tagged text with a rotary base and norm epsilon of its own (a
+    converter that drops either would still match the defaults), and one with grouped-query attention (4
+    query heads, 2 key/value heads) and Llama 3's RoPE scaling."""
     tmp = tmp_path_factory.mktemp("export")
     train(train_cfg(tokens, tmp, name="tied", max_steps=20, eval_every=20), SHAPE)
     source = tmp / "tagged.jsonl"
@@ -39,7 +40,11 @@ def runs(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     tagged = build(TokenizerConfig(data=str(data), vocab_size=300)).out
     train(train_cfg(tagged, tmp, name="untied", max_steps=20, eval_every=20),
           SHAPE | {"tie_embeddings": False, "rope_theta": 500.0, "norm_eps": 1e-3})
-    return {"tied": tmp / "tied", "untied": tmp / "untied", "tokens": {"tied": tokens, "untied": tagged}, "tmp": tmp}
+    train(train_cfg(tokens, tmp, name="gqa", max_steps=20, eval_every=20), SHAPE | {"n_head": 4, "n_kv_head": 2,
+          "rope_scaling": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 16}})
+    return {"tied": tmp / "tied", "untied": tmp / "untied", "gqa": tmp / "gqa",
+            "tokens": {"tied": tokens, "untied": tagged, "gqa": tokens}, "tmp": tmp}
 
 
 def export(run: Path, out: Path, *extra: str) -> dict:
@@ -54,7 +59,7 @@ def real_text_batch(tokens: Path, rows: int = 4) -> torch.Tensor:
     return torch.tensor(np.stack([data.val.arrays[w.source][w.offset : w.offset + 64] for w in windows]).astype(np.int64))
 
 
-@pytest.mark.parametrize("kind", ["tied", "untied"])
+@pytest.mark.parametrize("kind", ["tied", "untied", "gqa"])
 def test_transformers_loads_the_folder_and_agrees(runs: dict[str, Path], kind: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,7 +70,10 @@ def test_transformers_loads_the_folder_and_agrees(runs: dict[str, Path], kind: s
             "special_tokens_map.json", "README.md"} <= set(report["files"])
     loaded = load_run(runs[kind])
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert hf.config.tie_word_embeddings == (kind == "tied")
+    assert hf.config.tie_word_embeddings == (kind != "untied")
+    assert (hf.config.num_attention_heads, hf.config.num_key_value_heads) == ((4, 2) if kind == "gqa" else (2, 2))
+    rope = getattr(hf.config, "rope_parameters", None) or hf.config.rope_scaling or {}  # transformers 5, 4.x
+    assert (rope.get("rope_type") == "llama3") == (kind == "gqa")
     x = real_text_batch(runs["tokens"][kind])
     with torch.no_grad():
         ours, theirs = loaded.model(x).logits, hf(x).logits
@@ -90,17 +98,18 @@ def test_transformers_loads_the_folder_and_agrees(runs: dict[str, Path], kind: s
 
 
 @pytest.mark.slow
-def test_onnx_runs_in_onnxruntime_with_the_same_logits(runs: dict[str, Path]) -> None:
+@pytest.mark.parametrize("kind", ["tied", "gqa"])
+def test_onnx_runs_in_onnxruntime_with_the_same_logits(runs: dict[str, Path], kind: str) -> None:
     import onnx
     import onnxruntime
 
-    out = runs["tmp"] / "onnx"
-    report = export(runs["tied"], out, "--format", "onnx")
+    out = runs["tmp"] / f"onnx-{kind}"
+    report = export(runs[kind], out, "--format", "onnx")
     assert report["max_abs_diff"] < 1e-4
     onnx.checker.check_model(str(out / "model.onnx"))
     session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    loaded = load_run(runs["tied"])
-    toy = runs["tokens"]["tied"]
+    loaded = load_run(runs[kind])
+    toy = runs["tokens"][kind]
     for x in (real_text_batch(toy, rows=3), real_text_batch(toy, rows=1)[:, :17]):  # dynamic axes
         with torch.no_grad():
             expected = loaded.model(x).logits.numpy()

@@ -18,9 +18,12 @@ def small(**kw) -> GPT:
     return GPT(ModelConfig(**cfg)).eval()
 
 
-@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
-def test_future_tokens_do_not_change_earlier_logits(mlp: str) -> None:
-    model = small(mlp=mlp)
+HEADS = [pytest.param({}, id="mha"), pytest.param({"n_kv_head": 2}, id="gqa")]  # 4 query heads, 2 key/value heads
+
+
+@pytest.mark.parametrize("kw", [{"mlp": "swiglu"}, {"mlp": "gelu"}, {"n_kv_head": 1}])
+def test_future_tokens_do_not_change_earlier_logits(kw: dict) -> None:
+    model = small(**kw)
     x = torch.randint(0, 97, (3, 48))
     y = x.clone()
     y[:, 30:] = torch.randint(0, 97, (3, 18))
@@ -30,8 +33,9 @@ def test_future_tokens_do_not_change_earlier_logits(mlp: str) -> None:
     assert (a[:, 30:] - b[:, 30:]).abs().max() > 1e-3  # and later positions do see the change
 
 
-def test_kv_cache_greedy_matches_reference() -> None:
-    model = small(tie_embeddings=False)  # a random tied model greedily repeats its last token: too easy
+@pytest.mark.parametrize("heads", HEADS)
+def test_kv_cache_greedy_matches_reference(heads: dict) -> None:
+    model = small(tie_embeddings=False, **heads)  # a random tied model greedily repeats its last token: too easy
     prompt = [5, 17, 3, 88, 42, 7]
     fast = generate(model, prompt, 40, Sampling(temperature=0), rows=3)
     ref = generate_reference(model, prompt, 40, Sampling(temperature=0), rows=3)
@@ -62,11 +66,12 @@ def test_prompts_of_different_lengths_in_one_batch_match_each_alone() -> None:
         generate_many(model, [[1], []], 5, s)
 
 
-def test_every_decode_step_gives_the_logits_of_its_window() -> None:
+@pytest.mark.parametrize("heads", HEADS)
+def test_every_decode_step_gives_the_logits_of_its_window(heads: dict) -> None:
     """The Decoder's logits at every step equal a plain forward over the tokens its row holds: the whole
     sequence within the context, then, past it, the last 3/4 of a context after each slide, growing by one
     token a step until the next slide. Logits, not argmax: a position or window that is off by one shows."""
-    model = small(tie_embeddings=False)
+    model = small(tie_embeddings=False, **heads)
     T, prompts = model.cfg.block_size, [list(range(1, 41)), [7, 8, 9]]
     dec = Decoder(model, 2, 70, Sampling(temperature=0.9, top_k=40), gen=torch.Generator().manual_seed(3), graph=False)
     captured, decode, prefill = [], model.decode, model.prefill
@@ -89,8 +94,9 @@ def test_every_decode_step_gives_the_logits_of_its_window() -> None:
             torch.testing.assert_close(captured[t][row], expected, rtol=1e-4, atol=1e-4, msg=f"row {row} token {t}")
 
 
-def test_cache_prefill_in_chunks_equals_one_forward() -> None:
-    model = small()
+@pytest.mark.parametrize("heads", HEADS)
+def test_cache_prefill_in_chunks_equals_one_forward(heads: dict) -> None:
+    model = small(**heads)
     x = torch.randint(0, 97, (2, 40))
     cache = KVCache(model.cfg, 2, 48, torch.device("cpu"), torch.float32)
     with torch.no_grad():
@@ -100,9 +106,10 @@ def test_cache_prefill_in_chunks_equals_one_forward() -> None:
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
-def test_decode_step_matches_the_full_forward() -> None:
+@pytest.mark.parametrize("heads", HEADS)
+def test_decode_step_matches_the_full_forward(heads: dict) -> None:
     """GPT.decode, one token at a time at a tensor position, gives the logits of the plain forward."""
-    model = small()
+    model = small(**heads)
     x = torch.randint(0, 97, (3, 48))
     cache = KVCache(model.cfg, 3, 48, torch.device("cpu"), torch.float32)
     with torch.no_grad():
@@ -138,8 +145,9 @@ def test_compiled_decode_step_matches_reference() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compile", [False, True])
-def test_cuda_graph_decoding_matches_reference(compile: bool) -> None:
-    model = small().cuda()
+@pytest.mark.parametrize("heads", HEADS)
+def test_cuda_graph_decoding_matches_reference(compile: bool, heads: dict) -> None:
+    model = small(**heads).cuda()
     prompt = [5, 17, 3, 88, 42, 7]
     for s, seed in ((Sampling(temperature=0), 0), (Sampling(temperature=1.0, top_k=30), 5)):
         fast = generate(model, prompt, 100, s, rows=4, seed=seed, graph=True, compile=compile)  # slides past 48
@@ -203,6 +211,47 @@ def test_sampling_draws_from_the_softmax() -> None:
         freq = torch.bincount(toks, minlength=5).float() / len(toks)
         p = (logits[0] / temperature).softmax(-1)
         assert (freq - p).abs().max() < 4 * (p * (1 - p) / len(toks)).sqrt().max()  # within 4 standard errors
+
+
+def test_grouped_query_attention_is_attention_with_each_key_value_head_repeated() -> None:
+    """A model with 2 key/value heads for 4 query heads gives the logits of an ordinary 4-head model whose
+    key and value heads are copies, 0 0 1 1 (query heads 0 and 1 share KV head 0); its cache holds 2 heads."""
+    gqa = small(n_kv_head=2, tie_embeddings=False)
+    mha = small(tie_embeddings=False)
+    state = gqa.state_dict()
+    for i in range(2):
+        qkv = state[f"blocks.{i}.attn.qkv.weight"]  # rows: q (4 heads x 16), k (2 x 16), v (2 x 16)
+        q, k, v = qkv.split((64, 32, 32))
+        repeat = lambda w: w.view(2, 16, 64).repeat_interleave(2, dim=0).reshape(64, 64)  # noqa: E731
+        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat((q, repeat(k), repeat(v)))
+    mha.load_state_dict(state)
+    x = torch.randint(0, 97, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(x).logits, mha(x).logits, rtol=1e-5, atol=1e-5)
+    cache = KVCache(gqa.cfg, 2, 48, torch.device("cpu"), torch.float32)
+    assert cache.k.shape == (2, 2, 2, 48, 16)
+    assert gqa.num_params() == mha.num_params() - 2 * 2 * 32 * 64
+    with pytest.raises(UserError, match="must divide"):
+        ModelConfig(n_head=4, n_kv_head=3, n_embd=64)
+
+
+def test_llama3_rope_scaling_keeps_high_frequencies_and_slows_low_ones() -> None:
+    """Llama 3's frequencies: wavelengths under original / high_freq_factor as they were, over original /
+    low_freq_factor divided by `factor`, a smooth blend between (transformers' values are checked in export)."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    plain, scaled = small(), small(rope_scaling=scaling)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 16, 2) / 16))
+    wavelen = 2 * torch.pi / inv
+    angle = lambda m: torch.atan2(m.sin[1], m.cos[1])  # noqa: E731  position 1: the frequencies themselves
+    short, long = wavelen < 16, wavelen > 64
+    assert short.any() and long.any() and (~short & ~long).any()  # all three bands occur at head size 16
+    torch.testing.assert_close(angle(scaled)[short], angle(plain)[short])
+    torch.testing.assert_close(angle(scaled)[long], angle(plain)[long] / 8)
+    mid = ~short & ~long
+    assert ((angle(scaled)[mid] < angle(plain)[mid]) & (angle(scaled)[mid] > angle(plain)[mid] / 8)).all()
+    with pytest.raises(UserError, match="rope_scaling"):
+        ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0})
 
 
 def test_weight_tying_init_and_presets() -> None:

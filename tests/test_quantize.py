@@ -11,7 +11,7 @@ import torch
 from conftest import assert_user_error, run_cli, run_script, toy_documents
 
 from minigpt.checkpoint import find_checkpoint, load_model, load_run
-from minigpt.config import PrepareConfig, Sampling, TokenizerConfig, TrainConfig
+from minigpt.config import ModelConfig, PrepareConfig, Sampling, TokenizerConfig, TrainConfig
 from minigpt.corpus import prepare
 from minigpt.generate import generate
 from minigpt.int8 import Int8Linear, dequantize, int8_matmul, quantize_int8, set_inference_dtype, to_int8
@@ -104,6 +104,22 @@ def test_quantized_runs_load_everywhere_and_report(run: Path, tmp_path: Path) ->
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and result["train"]["eager"] is None and "int8" in result["source"]
     assert result["inference"]["cache"]["decode_batch1_tokens_per_s"] > 0
+
+
+def test_int8_grouped_query_attention_generates_as_its_dequantized_reference() -> None:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                            tie_embeddings=False)).eval()
+    tensors = int8_tensors(model)
+    q = to_int8(GPT(model.cfg), tensors).eval()
+    ref = GPT(model.cfg).eval()
+    ref.load_state_dict({k: dequantize(tensors[k], tensors[k.removesuffix(".weight") + ".scale"])
+                         if k.removesuffix(".weight") + ".scale" in tensors else v
+                         for k, v in model.state_dict().items()})
+    assert q.blocks[0].attn.qkv.weight.shape == (128, 64)  # q: 64 rows, k and v: 2 heads x 16 each
+    int8_matmul(q, torch.device("cuda"))  # the weight-only path
+    greedy = Sampling(temperature=0, repetition_penalty=1.3)
+    assert generate(q, [1, 5, 9], 25, greedy, rows=2) == generate(ref, [1, 5, 9], 25, greedy, rows=2)
 
 
 def test_errors(run: Path, tmp_path: Path) -> None:
