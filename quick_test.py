@@ -43,7 +43,7 @@ def main(cfg: QuickTestConfig) -> None:
     dataset = Path(data.meta["dataset"])
     val_docs = list(itertools.islice(iter_documents(dataset, "val"), 200)) if dataset.exists() else []
     prompts = cfg.prompt or [" ".join(d.split(" ")[:4])[:40] for d, _ in val_docs[:3]] or [""]
-    ids = [[run.eot, *run.encode(prompt)][-(block - 1) :] for prompt in prompts]
+    ids = [[run.bos, *run.encode(prompt)][-(block - 1) :] for prompt in prompts]
     samples = {temp: generate_many(model, ids, cfg.max_new_tokens, Sampling(temp, top_k=100), 1, run.eot, cfg.seed)
                for temp in cfg.temperature}  # all prompts in one batch per temperature
     for i, prompt in enumerate(prompts):
@@ -71,7 +71,7 @@ def main(cfg: QuickTestConfig) -> None:
     lines = [(d.splitlines()[0].strip(), tags) for d, tags in val_docs if d.strip()]
     for sentence, tags in [(s, t) for s, t in lines if 10 <= len(s) <= 300][: cfg.sentences]:
         # from a document start, with the document's tags, as the shards hold it
-        ids = [run.eot, *tag_ids_of(tags, run.tags), *run.encode(sentence)][: block + 1]
+        ids = [run.bos, *tag_ids_of(tags, run.tags), *run.encode(sentence)][: block + 1]
         x = torch.tensor([ids], device=device)
         loss = float(model(x[:, :-1], x[:, 1:]).loss)
         table.add_row(escape(sentence[:70]), str(x.size(1) - 1), f"{loss:.3f}", f"{math.exp(loss):.1f}")

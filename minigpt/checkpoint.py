@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,10 @@ def _rename(src: Path, dst: Path) -> None:
     os.replace(src, dst)
 
 
+# an imported model's own files, kept in its checkpoint beside tokenizer.json (export writes them back as they came)
+IMPORTED_FILES = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+
+
 def save_checkpoint(
     run_dir: Path,
     tag: str,
@@ -66,8 +71,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     trainer_state: dict[str, Any] | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
+    extra_files: Sequence[Path] = (),
 ) -> Path:
-    """Write checkpoint `tag` of `model` (or of prepared `tensors`, e.g. quantized ones) atomically."""
+    """Write checkpoint `tag` of `model` (or of prepared `tensors`, e.g. quantized ones) atomically, with
+    copies of `extra_files` (an imported model's tokenizer_config.json...) under the manifest too."""
     final, tmp, old = run_dir / tag, run_dir / f".{tag}.tmp", run_dir / f".{tag}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -76,6 +83,8 @@ def save_checkpoint(
                   metadata={"format": "pt"})
         write_json(tmp / "config.json", {"format_version": FORMAT_VERSION, **config})
         shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
+        for path in extra_files:
+            shutil.copyfile(path, tmp / path.name)
         if optimizer is not None:
             with atomic_open(tmp / "optimizer.pt", "wb") as f:
                 torch.save(optimizer.state_dict(), f)
@@ -222,6 +231,11 @@ class Loaded:
         return self.config["data"]["eot_id"]
 
     @property
+    def bos(self) -> int:
+        """The document start: an imported model's BOS, else the end-of-text token, which starts documents too."""
+        return self.config["data"].get("bos_id", self.eot)
+
+    @property
     def tags(self) -> dict[str, int]:
         """The tag tokens the run was trained with (`<|field=value|>` -> id)."""
         return self.config["data"].get("tags") or {}
@@ -231,14 +245,14 @@ class Loaded:
         return ", ".join("=".join(parse_tag(t)) for t in sorted(self.tags)) or "none (it was trained without tags)"
 
     def prompt(self, text: str, tags: dict[str, str] | None = None) -> tuple[list[int], int]:
-        """A document start as training saw one: <|endoftext|>, the tag tokens in field order, then the text,
+        """A document start as training saw one: <|endoftext|> (or BOS), the tag tokens in field order, then the text,
         whose start is cut if the whole would not leave room for a new token in the context. Returns the
         ids and how many text tokens were cut."""
         tags = tags or {}
         unknown = [f"{k}={v}" for k, v in sorted(tags.items()) if tag_token(k, v) not in self.tags]
         if unknown:
             raise UserError(f"{self.folder.parent} knows no tag {', '.join(unknown)}; it knows {self.known_tags()}.")
-        head = [self.eot, *tag_ids_of(tags, self.tags)]
+        head = [self.bos, *tag_ids_of(tags, self.tags)]
         ids = self.encode(text)
         room = max(self.model.cfg.block_size - 1 - len(head), 0)
         cut = max(len(ids) - room, 0)
@@ -309,6 +323,7 @@ def run_info(loaded: Loaded) -> dict[str, Any]:
                   "recipe": train.get("recipe") or None, "data": data.get("folder"), "dataset": data.get("dataset")},
         "val_loss": best_config.get("val_loss"), "val_bpb": best_config.get("val_bpb"),
         "quantization_source": config.get("quantization", {}).get("source"),
+        "source": config.get("source"),  # an imported model's folder
         "files": {p.name: p.stat().st_size for p in sorted(loaded.folder.iterdir()) if p.is_file()},
     }
 

@@ -27,6 +27,7 @@ from .config import (
     EvalConfig,
     ExportConfig,
     GenerateConfig,
+    ImportConfig,
     InfoConfig,
     ModelConfig,
     PrepareConfig,
@@ -40,6 +41,7 @@ from .engine import TextStream
 from .evaluate import eval_run
 from .export import export_run
 from .generate import default_mode, generate, generate_many
+from .hf_import import import_folder
 from .quantize import quantize_run
 from .serve import serve_run
 from .utils import UserError, atomic_open, console, err_console, human_bytes, resolve_device, rule
@@ -295,9 +297,25 @@ def info_cmd(cfg: InfoConfig) -> None:
                                                           for v, n in values.items())))
     if not r["tags"]:
         t.add_row("tags", "none")
-    t.add_row("data", escape(str(r["train"]["data"])))
+    t.add_row("data", escape(str(r["train"]["data"] or "-")))
+    if r["source"]:
+        src = r["source"]
+        t.add_row("source", escape(f"imported from {src['folder']} ({src['architecture']}, context {src['context']}, "
+                                   f"{src['dtype']})"))
     t.add_row("files", escape(", ".join(f"{name} {human_bytes(size)}" for name, size in r["files"].items())))
     console.print(t)
+    write_json_line(r, cfg.json)
+
+
+@app.command("import")
+@cli_command(ImportConfig)
+def import_cmd(cfg: ImportConfig) -> None:
+    """A local Hugging Face Llama-family folder as a minigpt run (generate, eval, serve, quantize, export it)."""
+    r = import_folder(cfg)
+    console.print(f"wrote {escape(r['out'])}: {r['layers']} layers x {r['width']} wide, {r['heads']} heads "
+                  f"({r['kv_heads']} key/value), context {r['context']:,}, vocab {r['vocab_size']:,}, "
+                  f"{r['parameters']:,} weights in {r['dtype']} ({r['size']}, {r['seconds']:.1f} s; {r['peak_note']})",
+                  highlight=False)
     write_json_line(r, cfg.json)
 
 
@@ -347,10 +365,12 @@ def quantize_cmd(cfg: QuantizeConfig) -> None:
         t.add_column(col, justify="left" if col in ("", "matmul") else "right")
     for label in ("before", "after"):
         x = r[label]
-        t.add_row(label, human_bytes(x["bytes"]), f"{x['val_loss']:.4f}", f"{x['val_bpb']:.4f}",
+        val = (f"{x['val_loss']:.4f}", f"{x['val_bpb']:.4f}") if x["val_bpb"] is not None else ("-", "-")
+        t.add_row(label, human_bytes(x["bytes"]), *val,
                   f"{x['decode_batch1_tokens_per_s']:,.0f}", f"{x['decode_batch32_tokens_per_s']:,.0f}", x["matmul"])
-    t.caption = (f"size x{r['size_ratio']:.3f} | val bits/byte {r['val_bpb_change_pct']:+.3f}% on "
-                 f"{r['val_tokens']:,} tokens")
+    t.caption = f"size x{r['size_ratio']:.3f} | " + (
+        f"val bits/byte {r['val_bpb_change_pct']:+.3f}% on {r['val_tokens']:,} tokens" if r["val_tokens"]
+        else "no val split (an imported model): score both with minigpt eval")
     console.print(t)
     print(json.dumps(r, separators=(",", ":")))
 

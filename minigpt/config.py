@@ -147,6 +147,7 @@ class ModelConfig:
                                  "many as --n-head).")
     n_embd: int = opt(512, help="Model width (embedding dimension).")
     mlp: str = opt("swiglu", help="MLP kind: swiglu or gelu.")
+    mlp_size: int = opt(0, help="MLP hidden width (0: 8/3 of --n-embd rounded up to 64 for swiglu, 4x for gelu).")
     dropout: float = opt(0.0, help="Dropout on embeddings, attention and residual branches.")
     tie_embeddings: bool = opt(True, help="Share the token embedding with the output head.")
     rope_theta: float = opt(10000.0, help="RoPE base.")
@@ -179,6 +180,8 @@ class ModelConfig:
 
     @property
     def mlp_hidden(self) -> int:
+        if self.mlp_size:
+            return self.mlp_size
         if self.mlp == "gelu":
             return 4 * self.n_embd
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)  # 8/3 d keeps SwiGLU at the cost of a 4 d GELU MLP
@@ -421,6 +424,27 @@ class InfoConfig:
     checkpoint: str = checkpoint_opt()
     runs_dir: str = runs_dir_opt()
     json: str = opt("", help="Also write the JSON result to this file.")
+
+
+@dataclass
+class ImportConfig:
+    source: str = opt("", help="A local Hugging Face model folder (config.json, safetensors weights, tokenizer.json).",
+                      argument=True)
+    out: str = opt("", help="The run folder to write, e.g. runs/smollm2 (it must not exist, or be empty, unless --force).")
+    dtype: str = opt("fp32", help="fp32 or bf16 (half the size; trains and runs in bf16).")
+    context: int = opt(2048, help="The context to keep, in tokens (at most the source's max_position_embeddings).")
+    force: bool = opt(False, help="Replace an earlier import in --out.")
+    json: str = opt("", help="Also write the JSON result to this file.")
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise UserError("give the model folder to import: minigpt import FOLDER --out runs/NAME.")
+        if not self.out:
+            raise UserError("give the run folder to write: --out runs/NAME.")
+        if self.dtype not in ("fp32", "bf16"):
+            raise UserError(f"unknown --dtype {self.dtype!r}; choose fp32 or bf16.")
+        if self.context < 2:
+            raise UserError(f"--context must be at least 2, got {self.context}.")
 
 
 @dataclass

@@ -178,10 +178,12 @@ class Document:
 
 def encode_documents(loaded: Loaded, docs: Iterable[tuple[str, dict[str, str]]]) -> tuple[np.ndarray, list[Document]]:
     """One token stream as the shards hold documents: <|endoftext|> first (a document start, never scored),
-    then each document's tag tokens, its text and <|endoftext|>. Every text must decode back exactly."""
-    parts: list[np.ndarray] = [np.array([loaded.eot], dtype=np.int64)]
+    then each document's tag tokens, its text and <|endoftext|>; with an imported model's BOS, that BOS
+    before every document instead (never scored either). Every text must decode back exactly."""
+    sep = [loaded.bos] if loaded.bos != loaded.eot else []
+    parts: list[np.ndarray] = [np.array([] if sep else [loaded.eot], dtype=np.int64)]
     documents: list[Document] = []
-    position, failures, first = 1, 0, ""
+    position, failures, first = 0 if sep else 1, 0, ""
     batch: list[tuple[str, dict[str, str]]] = []
 
     def flush() -> None:
@@ -193,8 +195,9 @@ def encode_documents(loaded: Loaded, docs: Iterable[tuple[str, dict[str, str]]])
             if back != text:
                 failures += 1
                 first = first or text[:60]
-            doc = [*tag_ids_of(tags, loaded.tags), *enc.ids, loaded.eot]
-            documents.append(Document(text[:80], tags, position, position + len(doc), len(text), len(text.encode())))
+            doc = [*sep, *tag_ids_of(tags, loaded.tags), *enc.ids, loaded.eot]
+            documents.append(Document(text[:80], tags, position + len(sep), position + len(doc), len(text),
+                                      len(text.encode())))
             position += len(doc)
             ids += doc
         parts.append(np.array(ids, dtype=np.int64))

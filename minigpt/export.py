@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, processors
 
-from .checkpoint import Loaded, load_run, quantization
+from .checkpoint import IMPORTED_FILES, Loaded, load_run, quantization
 from .config import ExportConfig
 from .data import EOT, parse_tag
 from .int8 import Int8Embedding, Int8Linear, dequantize
@@ -83,14 +83,20 @@ def llama_config(loaded: Loaded) -> dict[str, Any]:
         "rope_scaling": cfg.rope_scaling,
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
         "mlp_bias": False, "initializer_range": 0.02, "use_cache": True,
-        "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "dtype": "float32",
+        "bos_token_id": loaded.bos, "eos_token_id": eot, "pad_token_id": eot, "dtype": "float32",
         "torch_dtype": "float32",
     }
 
 
 def write_tokenizer(loaded: Loaded, out: Path) -> None:
     """tokenizer.json (with <|endoftext|> put before a text, as a document start, when special tokens are
-    added), tokenizer_config.json and special_tokens_map.json, for AutoTokenizer."""
+    added), tokenizer_config.json and special_tokens_map.json, for AutoTokenizer; an imported model's own files
+    as they came."""
+    if loaded.config.get("source"):
+        for path in loaded.folder.iterdir():
+            if path.name in ("tokenizer.json", *IMPORTED_FILES):
+                shutil.copyfile(path, out / path.name)
+        return
     tok = Tokenizer.from_str(loaded.tokenizer.to_str())  # a copy: the run's own stays as it is
     # A model input starts at a document start: <|endoftext|>, like a BOS token. Text that looks like a
     # special token stays text, as in the shards.
@@ -133,7 +139,8 @@ def model_card(loaded: Loaded, fmt: str, note: str) -> str:
     title = "Hugging Face transformers, LlamaForCausalLM" if fmt == "hf" else "ONNX: input_ids -> logits"
     return "\n".join([
         f"# {loaded.folder.parent.name} ({title})", "",
-        "A small decoder-only GPT trained from scratch with minigpt.", "",
+        (f"A Llama-family model imported into minigpt from {loaded.config['source']['folder']}."
+         if loaded.config.get("source") else "A small decoder-only GPT trained from scratch with minigpt."), "",
         "| | |", "| --- | --- |",
         f"| data | {Path(str(data.get('dataset'))).name} ({data.get('kind')} tokenizer, vocab {c.vocab_size:,}) |",
         f"| shape | {c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads ({c.kv_heads} key/value), context "
@@ -177,9 +184,10 @@ def export_hf(loaded: Loaded, out: Path) -> dict[str, Any]:
     tensors = llama_tensors(loaded.model)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     write_json(out / "config.json", llama_config(loaded))
-    write_json(out / "generation_config.json", {
-        "bos_token_id": loaded.eot, "eos_token_id": loaded.eot, "pad_token_id": loaded.eot,
-        "do_sample": True, "temperature": 0.8, "top_k": 0, "top_p": 1.0})  # minigpt generate's defaults
+    if not (loaded.folder / "generation_config.json").exists():  # an imported model's own is copied with its tokenizer
+        write_json(out / "generation_config.json", {
+            "bos_token_id": loaded.bos, "eos_token_id": loaded.eot, "pad_token_id": loaded.eot,
+            "do_sample": True, "temperature": 0.8, "top_k": 0, "top_p": 1.0})  # minigpt generate's defaults
     write_tokenizer(loaded, out)
     (out / "README.md").write_text(model_card(loaded, "hf", note), encoding="utf-8")
     model, x = float_model(loaded.model), _probe(loaded.model)

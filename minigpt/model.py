@@ -112,8 +112,11 @@ class Attention(nn.Module):
         if write is not None:  # GPT.decode: one token per row, each at its own slot, fixed shapes
             cache.k[layer].scatter_(2, write, k)
             cache.v[layer].scatter_(2, write, v)
-            k, v = self._shared(cache.k[layer]), self._shared(cache.v[layer])
-            return self.proj(self._out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+            if self.n_kv != self.n_head:  # a group's queries as the rows of one KV head: no copy of the cache
+                y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), cache.k[layer],
+                                                   cache.v[layer], attn_mask=mask)
+                return self.proj(self._out(y.reshape(B, self.n_head, 1, self.head_dim)))
+            return self.proj(self._out(F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask)))
         start = cache.pos  # GPT.prefill: T new tokens for every row, after the `start` cached ones
         cache.k[layer, :, :, start : start + T] = k
         cache.v[layer, :, :, start : start + T] = v

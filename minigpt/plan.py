@@ -35,7 +35,7 @@ SHAPES = (
     dict(n_layer=3, n_head=3, n_embd=96),
     dict(n_layer=2, n_head=2, n_embd=64),
 )
-SHAPE_OPTIONS = ("n_layer", "n_head", "n_embd")
+SHAPE_OPTIONS = ("n_layer", "n_head", "n_embd", "n_kv_head", "mlp_size")  # any of them given: the shape is the user's
 
 
 def epoch_steps(epochs: float, train_tokens: int, tokens_per_step: int) -> int:

@@ -15,7 +15,15 @@ from typing import Any
 import torch
 
 from .bench import decode_tokens_per_s
-from .checkpoint import SCHEMES, load_run, model_tensors, quantization, resolve_run, save_checkpoint
+from .checkpoint import (
+    IMPORTED_FILES,
+    SCHEMES,
+    load_run,
+    model_tensors,
+    quantization,
+    resolve_run,
+    save_checkpoint,
+)
 from .config import QuantizeConfig
 from .data import TokenData, eval_windows
 from .evaluate import evaluate
@@ -76,27 +84,30 @@ def quantize_run(cfg: QuantizeConfig) -> dict[str, Any]:
     # the source's val figures are not this run's: they stay with the source (quantize measures the new ones)
     config = {k: v for k, v in src.config.items() if k not in ("format_version", "val_loss", "val_bpb")}
     config["quantization"] = info | {"source": str(src.folder), "source_step": src.config.get("step")}
-    save_checkpoint(out_dir, "best", src.model, config, src.folder / "tokenizer.json", tensors=tensors)
+    kept = [src.folder / n for n in IMPORTED_FILES if (src.folder / n).exists()]  # an imported model's own files
+    save_checkpoint(out_dir, "best", src.model, config, src.folder / "tokenizer.json", tensors=tensors, extra_files=kept)
 
-    data = TokenData(src.config["data"]["folder"])
+    folder = src.config["data"].get("folder")  # an imported model has no val split here: size and speed only
+    data = TokenData(folder) if folder else None
     before = load_run(run_dir, cfg.checkpoint, device)
     after = load_run(out_dir, "best", device)
     block = before.model.cfg.block_size
-    windows = eval_windows(data.val, block, cfg.eval_tokens)
-    prompt = [before.eot, *before.encode("The")][:8]
+    windows = eval_windows(data.val, block, cfg.eval_tokens) if data else []
+    prompt = [before.bos, *before.encode("The")][:8]
     report: dict[str, Any] = {"run": str(run_dir), "out": str(out_dir), "to": cfg.to, "device": str(device),
                               "matmul": after.matmul}
     for label, loaded in (("before", before), ("after", after)):
         with console.status(f"measuring {label}..."):
-            score = evaluate(loaded.model, data.val.arrays, windows, data.token_bytes, 16, device, torch.float32)
+            score = evaluate(loaded.model, data.val.arrays, windows, data.token_bytes, 16, device, torch.float32) \
+                if data else None
             mode = default_mode(device)
             speed = {rows: decode_tokens_per_s(loaded.model, prompt, cfg.new_tokens, rows, mode) for rows in (1, 32)}
         size = (loaded.folder / "model.safetensors").stat().st_size
-        report["val_tokens"] = score.tokens
-        report[label] = {"bytes": size, "val_loss": score.loss, "val_bpb": score.bpb,
+        report["val_tokens"] = score.tokens if score else 0
+        report[label] = {"bytes": size, "val_loss": score.loss if score else None, "val_bpb": score.bpb if score else None,
                          "decode_batch1_tokens_per_s": speed[1], "decode_batch32_tokens_per_s": speed[32],
                          "matmul": loaded.matmul}
     b, a = report["before"], report["after"]
     report["size_ratio"] = a["bytes"] / b["bytes"]
-    report["val_bpb_change_pct"] = 100 * (a["val_bpb"] - b["val_bpb"]) / b["val_bpb"]
+    report["val_bpb_change_pct"] = 100 * (a["val_bpb"] - b["val_bpb"]) / b["val_bpb"] if data else None
     return report

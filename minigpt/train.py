@@ -643,7 +643,7 @@ class Trainer:
         if not (folder / "optimizer.pt").exists():
             return False
         saved = read_json(folder / "config.json", "checkpoint config")
-        if saved.get("step") != self.best_step or saved.get("model") != json.loads(json.dumps(dataclasses.asdict(self.mcfg))):
+        if saved.get("step") != self.best_step or ModelConfig(**saved.get("model", {})) != self.mcfg:
             return False  # its save failed, or it is another run's
         best, _ = load_model(folder, "cpu")  # no second copy on the device
         self.raw_model.load_state_dict(best.state_dict())

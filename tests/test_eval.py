@@ -149,7 +149,7 @@ def test_eval_prints_document_text_as_text(tagged: dict[str, Path], tmp_path: Pa
 def test_a_tokenizer_that_cannot_encode_the_text_is_an_error() -> None:
     tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "<|endoftext|>": 2}, merges=[]))  # no byte fallback
     tok.decoder = decoders.Fuse()
-    loaded = SimpleNamespace(tokenizer=tok, eot=2, tags={})
+    loaded = SimpleNamespace(tokenizer=tok, eot=2, bos=2, tags={})
     stream, docs = encode_documents(loaded, [("abba", {}), ("ba", {})])
     assert stream.tolist() == [2, 0, 1, 1, 0, 2, 1, 0, 2] and [(d.start, d.end) for d in docs] == [(1, 6), (6, 9)]
     with pytest.raises(UserError, match="cannot encode 1 of 2 documents"):

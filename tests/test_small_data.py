@@ -80,6 +80,8 @@ def test_an_option_given_wins_over_its_rule(tatar_20k: Path, tmp_path: Path) -> 
     assert len(fitted.rules) == 1  # only the line that says the data is small
     _, fitted = fit({"n_embd"}, {"n_embd": 64})  # one shape option given: the shape is the user's
     assert "n_layer" not in fitted.overrides and fitted.overrides["n_embd"] == 64
+    _, fitted = fit({"n_kv_head"}, {"n_kv_head": 2})  # key/value heads that only the preset's 4 heads divide
+    assert "n_head" not in fitted.overrides and fitted.overrides["n_kv_head"] == 2
     cfg, fitted = fit(set(), fit_data=False)
     assert fitted.cfg == cfg and fitted.overrides == {} and fitted.rules == []
     # from Python (given None): an option that differs from the default counts as given

@@ -1,0 +1,224 @@
+"""`minigpt import`: a local Hugging Face Llama-family folder as a minigpt run.
+
+The folder's config.json is mapped onto a ModelConfig field by field; anything the model cannot represent
+(biases, other rope types, sliding windows, other architectures, quantized weights) is refused in one
+sentence that names the field. Tensors are read one safetensors shard at a time and renamed (q, k and v
+join into the fused qkv, gate and up into the SwiGLU matrix), so the peak is about one model. The run
+keeps the source's tokenizer.json and tokenizer_config.json; its document start is the source's BOS when
+its tokenizer adds one, else its EOS, and its document end is the EOS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+from .checkpoint import IMPORTED_FILES, has_checkpoint, save_checkpoint
+from .config import ImportConfig, ModelConfig
+from .model import GPT
+from .utils import UserError, human_bytes, output_folder, read_json, sha256_file
+
+ARCHITECTURES = ("LlamaForCausalLM",)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def model_config_of(src: dict[str, Any], context: int) -> ModelConfig:
+    """The ModelConfig of a transformers config.json, or a one-sentence refusal naming the field."""
+    arch = (src.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES or src.get("model_type", "llama") != "llama":
+        raise UserError(f"the source is a {arch} ({src.get('model_type')}) model; minigpt imports Llama-family "
+                        "models (LlamaForCausalLM) only.")
+    for field, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+        if src.get(field, ok) != ok:
+            raise UserError(f"the source has {field}={src[field]!r}; minigpt's model has {field}={ok!r} only.")
+    for field in ("sliding_window", "quantization_config"):
+        if src.get(field) is not None:
+            raise UserError(f"the source has {field} set; minigpt's model has no {field.replace('_', ' ')}.")
+    width, heads = src["hidden_size"], src["num_attention_heads"]
+    if src.get("head_dim") not in (None, width // heads):
+        raise UserError(f"the source has head_dim={src['head_dim']}, not hidden_size / num_attention_heads; minigpt's "
+                        "heads split the width.")
+    rope = dict(src.get("rope_parameters") or src.get("rope_scaling") or {})  # transformers 5, then 4.x
+    theta = rope.pop("rope_theta", None) or src.get("rope_theta", 10000.0)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if kind == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        scaling = {"rope_type": "llama3"} | {k: rope[k] for k in keys}
+    elif kind != "default":
+        raise UserError(f"the source has rope_type={kind!r}; minigpt supports the default RoPE and llama3's only.")
+    return ModelConfig(
+        vocab_size=src["vocab_size"], block_size=min(context, src.get("max_position_embeddings", context)),
+        n_layer=src["num_hidden_layers"], n_head=heads, n_kv_head=src.get("num_key_value_heads") or heads,
+        n_embd=width, mlp="swiglu", mlp_size=src["intermediate_size"], dropout=0.0,
+        tie_embeddings=bool(src.get("tie_word_embeddings", False)), rope_theta=float(theta),
+        norm_eps=float(src.get("rms_norm_eps", 1e-6)), rope_scaling=scaling)
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """model.safetensors, or the shards a model.safetensors.index.json names."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return [folder / name for name in sorted(set(read_json(index, "shard index")["weight_map"].values()))]
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    if any(folder.glob("*.bin")):
+        raise UserError(f"{folder} holds PyTorch .bin weights only; save the model with safetensors first "
+                        "(model.save_pretrained(folder, safe_serialization=True)).")
+    raise UserError(f"{folder} has no model.safetensors or model.safetensors.index.json.")
+
+
+def read_tensors(folder: Path, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The source's tensors under minigpt's names, in `dtype`, one shard at a time."""
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[int, dict[str, torch.Tensor]] = {}  # a layer's q/k/v and gate/up until all have come
+    for path in shard_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118  (a safe_open handle is no dict)
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # derived from the config
+                target = _target(name, cfg.n_layer)
+                if target is None:
+                    raise UserError(f"{path.name} holds a tensor minigpt's model has no place for ({name}).")
+                tensor = f.get_tensor(name).to(dtype)
+                if isinstance(target, tuple):
+                    layer, piece = target
+                    parts.setdefault(layer, {})[piece] = tensor
+                    _join(out, parts, layer)
+                else:
+                    out[target] = tensor
+    if parts:
+        layer = next(iter(parts))
+        missing = sorted({"q", "k", "v", "gate", "up"} - set(parts[layer]))
+        raise UserError(f"the source's layer {layer} lacks its {', '.join(missing)} projection(s); the folder is incomplete.")
+    if cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)  # a tied source may still store the copy
+    _check_shapes(out, cfg)
+    return out
+
+
+def _target(name: str, n_layer: int) -> str | tuple[int, str] | None:
+    """minigpt's name for a transformers tensor (a (layer, piece) for those fused here), None if it has none."""
+    top = {"model.embed_tokens.weight": "wte.weight", "model.norm.weight": "norm_f.weight",
+           "lm_head.weight": "lm_head.weight"}
+    if name in top:
+        return top[name]
+    bits = name.split(".")
+    if len(bits) not in (5, 6) or bits[:2] != ["model", "layers"] or not bits[2].isdigit() or int(bits[2]) >= n_layer:
+        return None
+    layer, module = int(bits[2]), ".".join(bits[3:])
+    p = f"blocks.{layer}."
+    simple = {"input_layernorm.weight": p + "norm1.weight", "post_attention_layernorm.weight": p + "norm2.weight",
+              "self_attn.o_proj.weight": p + "attn.proj.weight", "mlp.down_proj.weight": p + "mlp.down.weight"}
+    if module in simple:
+        return simple[module]
+    fused = {"self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k", "self_attn.v_proj.weight": "v",
+             "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up"}
+    return (layer, fused[module]) if module in fused else None
+
+
+def _join(out: dict[str, torch.Tensor], parts: dict[int, dict[str, torch.Tensor]], layer: int) -> None:
+    """The fused matrices of `layer` once their pieces are all read: qkv (q, k, v rows) and up (gate, up)."""
+    got = parts[layer]
+    p = f"blocks.{layer}."
+    if {"q", "k", "v"} <= got.keys():
+        out[p + "attn.qkv.weight"] = torch.cat((got.pop("q"), got.pop("k"), got.pop("v")))
+    if {"gate", "up"} <= got.keys():
+        out[p + "mlp.up.weight"] = torch.cat((got.pop("gate"), got.pop("up")))
+    if not got:
+        del parts[layer]
+
+
+def _check_shapes(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in GPT(cfg).state_dict().items()
+                    if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing = sorted(expected.keys() - tensors.keys())
+    if missing:
+        raise UserError(f"the source lacks {len(missing)} tensor(s) the model needs ({missing[0]}...); the folder "
+                        "is incomplete.")
+    for k, shape in expected.items():
+        if tensors[k].shape != shape:
+            raise UserError(f"the source's tensor for {k} is {tuple(tensors[k].shape)}, but its config.json "
+                            f"says {tuple(shape)}; the folder does not match its config.")
+
+
+def special_tokens(folder: Path, src: dict[str, Any], tok: Tokenizer) -> tuple[int, int]:
+    """(document start, document end): the BOS when the tokenizer adds one, else the EOS; then the EOS."""
+    tcfg = read_json(folder / "tokenizer_config.json", "tokenizer config") if (folder / "tokenizer_config.json").exists() else {}
+
+    def token_id(key: str) -> int | None:
+        given = src.get(f"{key}_token_id")
+        if isinstance(given, list):  # several end tokens (an instruct model's): the first is the document end
+            given = given[0] if given else None
+        if given is None:
+            name = tcfg.get(f"{key}_token")
+            name = name.get("content") if isinstance(name, dict) else name
+            given = tok.token_to_id(name) if name else None
+        return given
+
+    eos, bos = token_id("eos"), token_id("bos")
+    if eos is None:
+        raise UserError(f"{folder} names no end-of-text token (eos_token_id in config.json or eos_token in "
+                        "tokenizer_config.json); minigpt needs one to end a document.")
+    added = tok.encode("a", add_special_tokens=True).ids
+    return (bos if bos is not None and added[:1] == [bos] else eos), eos
+
+
+def import_folder(cfg: ImportConfig) -> dict[str, Any]:
+    """Write the run; returns what `minigpt import` reports."""
+    t0 = time.perf_counter()
+    folder = Path(cfg.source)
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder} has no config.json; give a local Hugging Face model folder.")
+    if not (folder / "tokenizer.json").exists():
+        raise UserError(f"{folder} has no tokenizer.json (a fast tokenizer); save one with "
+                        "AutoTokenizer.from_pretrained(...).save_pretrained(folder).")
+    out = output_folder(cfg.out, folder, cfg.force, lambda p: has_checkpoint(p, "best"), "imported run")
+    src = read_json(folder / "config.json", "model config")
+    mcfg = model_config_of(src, cfg.context)
+    try:
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # the tokenizers library raises its own kinds
+        raise UserError(f"{folder}/tokenizer.json cannot be read ({str(e).splitlines()[0]}).") from None
+    if tok.get_vocab_size() != mcfg.vocab_size:
+        raise UserError(f"the tokenizer has {tok.get_vocab_size():,} tokens but the model's vocab_size is "
+                        f"{mcfg.vocab_size:,}; minigpt needs them equal (the embedding rows are the tokens).")
+    bos, eos = special_tokens(folder, src, tok)
+    tensors = read_tensors(folder, mcfg, DTYPES[cfg.dtype])
+    params = sum(t.numel() for t in tensors.values())
+    config: dict[str, Any] = {
+        "model": dataclasses.asdict(mcfg), "step": None,
+        "data": {"kind": "imported", "vocab_size": mcfg.vocab_size, "eot_id": eos, "bos_id": bos, "tags": {},
+                 "tokenizer_sha256": sha256_file(folder / "tokenizer.json"), "dataset": None},
+        "source": {"folder": str(folder.resolve()), "architecture": src["architectures"][0],
+                   "context": src.get("max_position_embeddings"), "dtype": cfg.dtype},
+    }
+    if cfg.dtype != "fp32":
+        config["quantization"] = {"scheme": cfg.dtype, "source": str(folder.resolve())}
+    if out.exists():
+        shutil.rmtree(out)  # an earlier import, and --force (output_folder refused anything else)
+    with torch.device("meta"):
+        shell = GPT(mcfg)  # names only: the tensors are written as read
+    kept = [folder / name for name in IMPORTED_FILES if (folder / name).exists()]  # for export, and its chat template
+    save_checkpoint(out, "best", shell, config, folder / "tokenizer.json", tensors=tensors, extra_files=kept)
+    size = sum(p.stat().st_size for p in (out / "best").iterdir())
+    return {"out": str(out), "source": str(folder), "parameters": params, "layers": mcfg.n_layer,
+            "width": mcfg.n_embd, "heads": mcfg.n_head, "kv_heads": mcfg.kv_heads, "context": mcfg.block_size,
+            "vocab_size": mcfg.vocab_size, "bos_id": bos, "eos_id": eos, "dtype": cfg.dtype, "size": human_bytes(size),
+            "seconds": round(time.perf_counter() - t0, 2), "tied": mcfg.tie_embeddings,
+            "rope": (mcfg.rope_scaling or {}).get("rope_type", "default"), "peak_note": _peak_note(params, cfg.dtype)}
+
+
+def _peak_note(params: int, dtype: str) -> str:
+    """The memory the import holds at its peak: the converted model, plus one layer's pieces."""
+    per = 4 if dtype == "fp32" else 2
+    return f"about {human_bytes(params * per)} held at the peak ({per} bytes x {params:,} weights)"
+
