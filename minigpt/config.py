@@ -116,6 +116,8 @@ class TokenizerConfig:
     vocab_size: int = opt(0, help="BPE vocabulary size, special tokens included (0: sized to the corpus, "
                                   "512 to 8192).")
     char: bool = opt(False, help="Character-level tokenizer instead of BPE (unseen characters fall back to bytes).")
+    tokenizer: str = opt("", help="Encode with this run's tokenizer, or a Hugging Face model folder's, instead of "
+                                  "training one (to train from that run or model with 03_train.py --init-from).")
     out: str = opt("", help="Output folder (default: <data>/bpe<vocab-size> or <data>/char).")
     min_frequency: int = opt(2, help="BPE merges need a pair seen at least this often.")
     max_train_chars: int = opt(
@@ -131,6 +133,8 @@ class TokenizerConfig:
                             f"corpus), got {self.vocab_size}.")
         if self.shard_tokens < 1024:
             raise UserError("--shard-tokens must be at least 1024.")
+        if self.tokenizer and (self.char or self.vocab_size):
+            raise UserError("--tokenizer encodes with a given tokenizer: leave out --char and --vocab-size.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,6 +233,9 @@ class TrainConfig:
                                "options given on the command line win over the recipe's (in Python: with_recipe).")
     preset: str = opt("tiny", help=f"Model shape: {PRESET_NAMES} (model options override it).")
     resume: bool = opt(False, help="Continue the run from its last checkpoint.")
+    init_from: str = opt("", help="Start from this run's weights (its best checkpoint) or a Hugging Face Llama folder's, "
+                                  "with a fresh optimizer and schedule; the data must be encoded with its tokenizer "
+                                  "(02_train_tokenizer.py --tokenizer).")
     device: str = device_opt()
     dtype: str = opt("auto", help="auto (bf16 where supported, else fp16 with a scaler on CUDA, fp32 on CPU), bf16, fp16, fp32.")
     compile: bool = opt(True, help="torch.compile the training step: on CUDA; on CPU where it pays, a run planned for "

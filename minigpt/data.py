@@ -74,6 +74,58 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tok
 
 
+def document_tokens(folder: Path, tok: Tokenizer) -> tuple[int, int]:
+    """A Hugging Face model folder's (document start, document end): its BOS when its tokenizer adds one,
+    else its EOS; then its EOS (the first, when config.json lists several)."""
+    def read(name: str) -> dict[str, Any]:
+        return read_json(folder / name, name) if (folder / name).exists() else {}
+    src, tcfg = read("config.json"), read("tokenizer_config.json")
+
+    def token_id(key: str) -> int | None:
+        given = src.get(f"{key}_token_id")
+        if isinstance(given, list):  # several end tokens (an instruct model's): the first is the document end
+            given = given[0] if given else None
+        if given is None:
+            name = tcfg.get(f"{key}_token")
+            name = name.get("content") if isinstance(name, dict) else name
+            given = tok.token_to_id(name) if name else None
+        return given
+
+    eos, bos = token_id("eos"), token_id("bos")
+    if eos is None:
+        raise UserError(f"{folder} names no end-of-text token (eos_token_id in config.json or eos_token in "
+                        "tokenizer_config.json); minigpt needs one to end a document.")
+    added = tok.encode("a", add_special_tokens=True).ids
+    return (bos if bos is not None and added[:1] == [bos] else eos), eos
+
+
+@dataclass
+class GivenTokenizer:
+    """A tokenizer to encode data with instead of training one: a run's, or a Hugging Face folder's."""
+
+    path: Path  # its tokenizer.json
+    tok: Tokenizer
+    kind: str
+    eot: int  # the document end
+    bos: int  # the document start (the end token itself for runs trained here)
+
+
+def given_tokenizer(source: str | Path) -> GivenTokenizer:
+    """The tokenizer of a run (its best checkpoint, else its last) or of a Hugging Face model folder."""
+    path = Path(source)
+    for folder in (path, path / "best", path / "last"):
+        if (folder / "manifest.json").exists() and (folder / "config.json").exists():  # a minigpt checkpoint
+            data = read_json(folder / "config.json", "checkpoint config")["data"]
+            return GivenTokenizer(folder / "tokenizer.json", load_tokenizer(folder / "tokenizer.json"), data["kind"],
+                                  data["eot_id"], data.get("bos_id", data["eot_id"]))
+    if (path / "tokenizer.json").exists():
+        tok = load_tokenizer(path / "tokenizer.json")
+        bos, eos = document_tokens(path, tok)
+        return GivenTokenizer(path / "tokenizer.json", tok, "imported", eos, bos)
+    raise UserError(f"{source} is neither a run nor a model folder with a tokenizer.json; give one of those to "
+                    "--tokenizer.")
+
+
 def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
     """Bytes of source text behind each token id (int64, vocab-sized)."""
     special = {t.content for t in tok.get_added_tokens_decoder().values()}

@@ -20,8 +20,17 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from .checkpoint import IMPORTED_FILES, has_checkpoint, save_checkpoint
+from .checkpoint import (
+    IMPORTED_FILES,
+    find_checkpoint,
+    has_checkpoint,
+    load_model,
+    model_tensors,
+    quantization,
+    save_checkpoint,
+)
 from .config import ImportConfig, ModelConfig
+from .data import document_tokens
 from .model import GPT
 from .utils import UserError, human_bytes, output_folder, read_json, sha256_file
 
@@ -150,28 +159,6 @@ def _check_shapes(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
                             f"says {tuple(shape)}; the folder does not match its config.")
 
 
-def special_tokens(folder: Path, src: dict[str, Any], tok: Tokenizer) -> tuple[int, int]:
-    """(document start, document end): the BOS when the tokenizer adds one, else the EOS; then the EOS."""
-    tcfg = read_json(folder / "tokenizer_config.json", "tokenizer config") if (folder / "tokenizer_config.json").exists() else {}
-
-    def token_id(key: str) -> int | None:
-        given = src.get(f"{key}_token_id")
-        if isinstance(given, list):  # several end tokens (an instruct model's): the first is the document end
-            given = given[0] if given else None
-        if given is None:
-            name = tcfg.get(f"{key}_token")
-            name = name.get("content") if isinstance(name, dict) else name
-            given = tok.token_to_id(name) if name else None
-        return given
-
-    eos, bos = token_id("eos"), token_id("bos")
-    if eos is None:
-        raise UserError(f"{folder} names no end-of-text token (eos_token_id in config.json or eos_token in "
-                        "tokenizer_config.json); minigpt needs one to end a document.")
-    added = tok.encode("a", add_special_tokens=True).ids
-    return (bos if bos is not None and added[:1] == [bos] else eos), eos
-
-
 def import_folder(cfg: ImportConfig) -> dict[str, Any]:
     """Write the run; returns what `minigpt import` reports."""
     t0 = time.perf_counter()
@@ -191,7 +178,7 @@ def import_folder(cfg: ImportConfig) -> dict[str, Any]:
     if tok.get_vocab_size() != mcfg.vocab_size:
         raise UserError(f"the tokenizer has {tok.get_vocab_size():,} tokens but the model's vocab_size is "
                         f"{mcfg.vocab_size:,}; minigpt needs them equal (the embedding rows are the tokens).")
-    bos, eos = special_tokens(folder, src, tok)
+    bos, eos = document_tokens(folder, tok)
     tensors = read_tensors(folder, mcfg, DTYPES[cfg.dtype])
     params = sum(t.numel() for t in tensors.values())
     config: dict[str, Any] = {
@@ -222,3 +209,44 @@ def _peak_note(params: int, dtype: str) -> str:
     per = 4 if dtype == "fp32" else 2
     return f"about {human_bytes(params * per)} held at the peak ({per} bytes x {params:,} weights)"
 
+
+
+# --------------------------------------------------------------------------------------------------
+# 03_train.py --init-from: the model a new run starts from
+
+INIT_OPTIONS = ("dropout", "block_size")  # the model options a run started from a model may still set
+
+
+def source_model(source: str, overrides: dict[str, Any]) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+    """The model a run starts from: a run's best checkpoint (else its last) or a Hugging Face Llama folder;
+    its config (with the shorter context `overrides` may give), its tensors in fp32, and the sha256 of the
+    tokenizer its data must have been encoded with."""
+    shape = sorted(k for k, v in overrides.items() if v is not None and k not in INIT_OPTIONS)
+    if shape:
+        raise UserError(f"--init-from keeps the model it starts from; leave out --{shape[0].replace('_', '-')} "
+                        f"(only --{' and --'.join(o.replace('_', '-') for o in INIT_OPTIONS)} may change).")
+    path = Path(source)
+    if (path / "config.json").exists() and (path / "model.safetensors").exists() and not (path / "manifest.json").exists() \
+            or (path / "model.safetensors.index.json").exists():  # a Hugging Face folder
+        src = read_json(path / "config.json", "model config")
+        cfg = model_config_of(src, src.get("max_position_embeddings", 2048))
+        tensors, sha = read_tensors(path, cfg, torch.float32), sha256_file(path / "tokenizer.json")
+    else:
+        folder = find_checkpoint(path, "best" if has_checkpoint(path, "best") else "last")
+        model, config = load_model(folder)
+        if quantization(config) == "int8":
+            raise UserError(f"{source} is an int8 copy; start from the run it was quantized from.")
+        cfg, tensors, sha = model.cfg, model_tensors(model.float()), config["data"]["tokenizer_sha256"]
+    context = overrides.get("block_size") or cfg.block_size
+    if context > cfg.block_size:
+        raise UserError(f"--block-size {context} is longer than the {cfg.block_size} tokens {source} was built for; "
+                        f"give {cfg.block_size} or less.")
+    return dataclasses.replace(cfg, block_size=context, dropout=0.0), tensors, sha
+
+
+def start_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> GPT:
+    """A model of `cfg` (the source's shape, this run's dropout and context) holding the source's weights."""
+    model = GPT(cfg)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # a tied head is wte
+    return model

@@ -69,13 +69,14 @@ class Fitted:
 
 
 def fit_to_data(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] | None, train_tokens: int,
-                vocab_size: int, device: torch.device, world: int = 1) -> Fitted:
+                vocab_size: int, device: torch.device, world: int = 1, start: ModelConfig | None = None) -> Fitted:
     """The rules for a run that would read its train split many times (see the module's docstring).
     `given`: the options the command line gave (None, from Python: those that differ from the defaults);
-    a model option is given when `overrides` holds a value for it."""
+    a model option is given when `overrides` holds a value for it. `start`: the model of --init-from, whose
+    shape stays."""
     if given is None:
         given = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != f.default}
-    mcfg = model_config(cfg.preset, vocab_size, overrides)
+    mcfg = start or model_config(cfg.preset, vocab_size, overrides)
     rows, _ = accumulation(cfg, mcfg.block_size, world)
     train_tokens = max(train_tokens, 1)
     steps = planned_steps(cfg, mcfg, rows, device, train_tokens, world)
@@ -86,7 +87,7 @@ def fit_to_data(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] | N
     rules = [f"small data: {about}{steps:,} steps would read the {train_tokens:,} train tokens {epochs:.0f} times; "
              "the run is fitted to them (--no-fit-data to keep every setting as given)"]
     overrides = dict(overrides)
-    if "preset" not in given and all(overrides.get(k) is None for k in SHAPE_OPTIONS):
+    if start is None and "preset" not in given and all(overrides.get(k) is None for k in SHAPE_OPTIONS):
         shape = fitted_shape(mcfg, train_tokens)
         if shape is not None:
             before = weight_count(mcfg)

@@ -110,7 +110,7 @@ CHANGES_LOSSES = frozenset({"max_steps", "max_minutes", "max_epochs", "device", 
                             "cooldown", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
                             "muon_momentum"})  # the budgets move the schedule's decay; a batch must stay (below)
 NAMING = frozenset({"name", "runs_dir", "resume"})  # find the run: never compared
-AT_START = frozenset({"fit_data"})  # its rules ran when the run began (their outcome is saved): never compared
+AT_START = frozenset({"fit_data", "init_from"})  # its rules ran when the run began (their outcome is saved): never compared
 SAVED_BEFORE = {"schedule": "cosine"}  # a run saved before a setting existed trained with this value of it
 
 

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -31,7 +32,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from .config import TokenizerConfig
 from .corpus import iter_documents
-from .data import EOT, FORMAT_VERSION, tag_ids_of, tag_token
+from .data import EOT, FORMAT_VERSION, given_tokenizer, tag_ids_of, tag_token
 from .utils import (
     PlainProgress,
     UserError,
@@ -174,15 +175,18 @@ def _batches(docs: Iterable[tuple[str, dict[str, str]]]) -> Iterator[list[tuple[
 
 def encode_split(
     tok: Tokenizer, data: Path, split: str, writer: ShardWriter, tag_ids: dict[str, int], eot: int,
-    bars: Progress | PlainProgress, total_chars: int,
+    bars: Progress | PlainProgress, total_chars: int, bos: int | None = None,
 ) -> dict[str, int]:
-    """Encode every document of a split into the writer; returns its token, byte and document counts."""
+    """Encode every document of a split into the writer (after `bos`, a given tokenizer's document start,
+    when it has one of its own); returns its token, byte and document counts."""
     task = bars.add_task(f"encoding {split}", total=total_chars)
     tokens = nbytes = docs = 0
     for batch in _batches(iter_documents(data, split)):
         encodings = tok.encode_batch_fast([text for text, _ in batch], add_special_tokens=False)
         ids: list[int] = []
         for (text, tags), enc in zip(batch, encodings, strict=True):
+            if bos is not None:
+                ids.append(bos)
             if tags:
                 ids += tag_ids_of(tags, tag_ids)
             ids += enc.ids
@@ -257,7 +261,8 @@ def resolve_vocab(data: Path, cfg: TokenizerConfig) -> tuple[int, Path]:
     if stats is None or not any((data / f"train{e}").exists() for e in (".txt", ".jsonl")):
         raise UserError(f"{data} is not a prepared dataset; run 01_prepare_data.py first (or check --data).")
     vocab = cfg.vocab_size or auto_vocab_size(int(stats["bytes"]["train"]))
-    return vocab, Path(cfg.out) if cfg.out else data / ("char" if cfg.char else f"bpe{vocab}")
+    name = f"tok-{Path(cfg.tokenizer).resolve().name}" if cfg.tokenizer else "char" if cfg.char else f"bpe{vocab}"
+    return vocab, Path(cfg.out) if cfg.out else data / name
 
 
 def build(cfg: TokenizerConfig) -> TokenizerResult:
@@ -265,32 +270,41 @@ def build(cfg: TokenizerConfig) -> TokenizerResult:
     vocab_size_wanted, out = resolve_vocab(data, cfg)
     stats = read_json(data / "stats.json", "dataset stats")
     auto = not cfg.char and not cfg.vocab_size
+    given = given_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    auto = auto and given is None
     if auto:
         console.print(f"vocab {vocab_size_wanted:,}: sized to the corpus ({stats['bytes']['train'] / 1e6:.2f} MB of train "
                       f"text, at least {BYTES_PER_ENTRY} bytes per entry, {AUTO_VOCAB_RANGE[0]}-{AUTO_VOCAB_RANGE[1]}; "
                       "--vocab-size N to choose)", highlight=False)
-    if not cfg.char:
+    if not cfg.char and given is None:
         cfg = dataclasses.replace(cfg, vocab_size=vocab_size_wanted)
-    kind = "char" if cfg.char else "bpe"
-    out.mkdir(parents=True, exist_ok=True)
+    kind = given.kind if given else "char" if cfg.char else "bpe"
     tag_tokens, skipped_tags = choose_tags(stats, cfg.max_tag_values)
+    if given is not None and (tag_tokens or skipped_tags):
+        raise UserError(f"{data} has tags ({', '.join(stats['tags'])}), and a given tokenizer has no tokens for "
+                        "them; prepare the text without tag fields, or train a tokenizer (without --tokenizer).")
+    out.mkdir(parents=True, exist_ok=True)
     if skipped_tags:
         console.print(f"[yellow]tags with more than {cfg.max_tag_values} values get no token: {skipped_tags}[/]")
     specials = [EOT, *tag_tokens]
 
     start = time.perf_counter()
-    with console.status(f"training {kind} tokenizer on {data}/train ..."):
-        texts = _train_texts(data, cfg.max_train_chars)
-        if cfg.char:
-            tok = train_char(texts, specials)
-        else:
-            tok = train_bpe(texts, cfg.vocab_size, specials, cfg.min_frequency)
+    if given is not None:
+        tok = given.tok
+        console.print(f"tokenizer of {cfg.tokenizer}: {kind}, vocab {tok.get_vocab_size():,}", highlight=False)
+    else:
+        with console.status(f"training {kind} tokenizer on {data}/train ..."):
+            texts = _train_texts(data, cfg.max_train_chars)
+            if cfg.char:
+                tok = train_char(texts, specials)
+            else:
+                tok = train_bpe(texts, cfg.vocab_size, specials, cfg.min_frequency)
     train_seconds = time.perf_counter() - start
     vocab_size = tok.get_vocab_size()
     if auto and vocab_size < cfg.vocab_size:  # a very small corpus: all the merges it has (meta.json says)
         console.print(f"[yellow]the corpus supports {vocab_size} tokens, fewer than {cfg.vocab_size}: vocab "
                       f"{vocab_size} (in {out})[/]")
-    elif not cfg.char and vocab_size < cfg.vocab_size:
+    elif not cfg.char and given is None and vocab_size < cfg.vocab_size:
         raise UserError(
             f"the corpus only supports {vocab_size} tokens, fewer than --vocab-size {cfg.vocab_size}; "
             f"use --vocab-size {vocab_size} or less, or add text."
@@ -298,7 +312,8 @@ def build(cfg: TokenizerConfig) -> TokenizerResult:
     dtype = np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
     if dtype == np.uint32:
         console.print(f"[yellow]vocab {vocab_size} does not fit uint16: shards use uint32[/]")
-    eot = tok.token_to_id(EOT)
+    eot = given.eot if given else tok.token_to_id(EOT)
+    bos = given.bos if given and given.bos != given.eot else None  # an imported model's BOS opens each document
     tag_ids = {t: tok.token_to_id(t) for t in tag_tokens}
 
     # Inside documents, text that looks like a special token is ordinary text (load_tokenizer agrees).
@@ -311,13 +326,13 @@ def build(cfg: TokenizerConfig) -> TokenizerResult:
         with progress(*columns, unit="chars") as bars:
             for split, writer in writers.items():
                 splits[split] = encode_split(
-                    tok, data, split, writer, tag_ids, eot, bars, stats["characters"][split]
+                    tok, data, split, writer, tag_ids, eot, bars, stats["characters"][split], bos
                 )
                 writer.close()
                 splits[split]["shards"] = writer.shards
         encode_seconds = time.perf_counter() - start
-        roundtrip = check_roundtrip(tok, data, writers["val"], eot, set(tag_ids.values()), cfg.check_docs,
-                                    stats["documents"]["val"])
+        roundtrip = check_roundtrip(tok, data, writers["val"], eot, set(tag_ids.values()) | {bos} - {None},
+                                    cfg.check_docs, stats["documents"]["val"])
         if roundtrip["failures"]:
             raise UserError(
                 f"the val shards do not decode back to {roundtrip['failures']} of the {roundtrip['checked']} val "
@@ -337,7 +352,10 @@ def build(cfg: TokenizerConfig) -> TokenizerResult:
     for old in out.glob("*.bin"):
         if old.name not in keep:
             old.unlink()
-    tok.save(str(out / "tokenizer.json"))
+    if given is not None:  # byte for byte, so that its sha256 is the run's or the folder's own
+        shutil.copyfile(given.path, out / "tokenizer.json")
+    else:
+        tok.save(str(out / "tokenizer.json"))
     total_bytes = splits["train"]["bytes"] + splits["val"]["bytes"]
     meta = {
         "format_version": FORMAT_VERSION,
@@ -345,6 +363,7 @@ def build(cfg: TokenizerConfig) -> TokenizerResult:
         "dtype": dtype.name,
         "vocab_size": vocab_size,
         "eot_id": eot,
+        **({"bos_id": given.bos, "tokenizer_from": str(cfg.tokenizer)} if given else {}),
         "tags": tag_ids,
         "tag_documents": {t: n for field, values in stats.get("tags", {}).items() for value, n in values.items()
                           if (t := tag_token(field, value)) in tag_ids},

@@ -42,6 +42,7 @@ from .config import ModelConfig, Sampling, TrainConfig, model_config
 from .data import BatchSampler, TokenData, accumulation, eval_windows, load_tokenizer
 from .evaluate import Score, evaluate, no_better_than_unigram, unigram_baseline
 from .generate import generate
+from .hf_import import source_model, start_model
 from .model import GPT
 from .optim import Optimizers, auto_lr, decay_lr, lr_at
 from .plan import epoch_steps, fit_to_data
@@ -298,11 +299,24 @@ class Trainer:
             if (self.run_dir / "last").exists() and d.main:
                 console.print(f"[yellow]{self.run_dir} already holds a run; starting over (use --resume to continue "
                               "it)[/]")
-            fitted = fit_to_data(cfg, overrides, given, data.train.tokens, data.vocab_size, device, d.world)
+            start = None
+            if cfg.init_from:  # the source's weights and shape; its tokenizer must be the data's
+                if given and "preset" in given:
+                    raise UserError("--init-from keeps the model it starts from; leave out --preset.")
+                start, tensors, sha = source_model(cfg.init_from, overrides)
+                if sha != data.meta["tokenizer_sha256"]:
+                    raise UserError(f"{cfg.data} was encoded with another tokenizer than {cfg.init_from}'s; encode "
+                                    f"it with 02_train_tokenizer.py --tokenizer {cfg.init_from}.")
+            fitted = fit_to_data(cfg, overrides, given, data.train.tokens, data.vocab_size, device, d.world, start)
             for line in fitted.rules if d.main else ():
                 console.print(line, highlight=False)
             cfg = fitted.cfg
-            model = new_model(cfg, fitted.overrides, data.vocab_size)
+            if start is not None:
+                torch.manual_seed(cfg.seed)
+                model = start_model(dataclasses.replace(start, dropout=fitted.overrides.get("dropout") or 0.0), tensors)
+                del tensors
+            else:
+                model = new_model(cfg, fitted.overrides, data.vocab_size)
         self.mcfg: ModelConfig = model.cfg
         if not cfg.lr:  # sized to the width, and saved so: a resumed run sizes it the same way
             cfg = dataclasses.replace(cfg, lr=auto_lr(model.cfg))
@@ -574,6 +588,8 @@ class Trainer:
         step_log = self.step
         stop: Stop | None = None
         last_eval: Score | None = None
+        if cfg.init_from and self.step == 0:  # where the source starts, before any step: what training gains
+            last_eval, _ = self.validate(clock.elapsed())
         with clock.ctrl_c(), progress_bar(self.d.main, cfg.max_steps, self.step) as bar:
             while self.step < self.cfg.max_steps:
                 time_used = clock.time_used(self.step, first=self.step == step_log)
@@ -619,7 +635,7 @@ class Trainer:
                 score = self.score_whole()
         if self.d.main and (self.step % (cfg.sample_every or cfg.eval_every) == 0 or wrap_up):
             assert self.tok is not None
-            console.print(f"[dim]sample:[/] {sample(self.raw_model, self.tok, self.data.meta['eot_id'], self.step)!r}")
+            console.print(f"[dim]sample:[/] {sample(self.raw_model, self.tok, self.data.meta, self.step)!r}")
         if self.step % (cfg.save_every or cfg.eval_every) == 0 or stop is not None or rewound:
             saved = self.save("last", elapsed)  # after going back: a crash resumes into the decay
             if stop is not None and not saved:
@@ -720,18 +736,19 @@ def halve_micro_batch(micro_bs: int, rows: int, d: Dist, device: torch.device, s
 def run_config(cfg: TrainConfig, mcfg: ModelConfig, data: TokenData) -> dict[str, Any]:
     """What config.json says of a run: the model, the resolved training settings, and the token data (what
     a resumed run checks it reads again)."""
-    keys = ("kind", "vocab_size", "eot_id", "tags", "tokenizer_sha256", "dataset")
+    keys = ("kind", "vocab_size", "eot_id", "bos_id", "tags", "tokenizer_sha256", "dataset")  # bos_id: a given tokenizer's
     return {"model": dataclasses.asdict(mcfg), "train": dataclasses.asdict(cfg),
-            "data": {k: data.meta[k] for k in keys} | {"folder": str(data.folder), "train_shards": data.train.lengths.tolist(),
+            "data": {k: data.meta[k] for k in keys if k in data.meta} | {"folder": str(data.folder), "train_shards": data.train.lengths.tolist(),
                                                        "tag_documents": data.meta.get("tag_documents", {})}}
 
 
-def sample(model: GPT, tok: Any, eot: int, step: int) -> str:
+def sample(model: GPT, tok: Any, meta: dict[str, Any], step: int) -> str:
     """64 tokens from a document start, as the run goes (eval mode: no dropout; eager: 64 tokens do not pay
     for a CUDA graph), seeded by the step."""
     was_training = model.training
     model.eval()
-    ids = generate(model, [eot], 64, Sampling(0.8, top_k=50), eot=eot, seed=step, graph=False)
+    eot = meta["eot_id"]
+    ids = generate(model, [meta.get("bos_id", eot)], 64, Sampling(0.8, top_k=50), eot=eot, seed=step, graph=False)
     model.train(was_training)
     return tok.decode(ids[0], skip_special_tokens=False)
 

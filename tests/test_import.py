@@ -8,15 +8,33 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import ENGLISH, RUSSIAN, TATAR, assert_user_error, run_cli, toy_documents
+from conftest import (
+    ENGLISH,
+    MODEL,
+    RUSSIAN,
+    TATAR,
+    assert_user_error,
+    metrics,
+    run_cli,
+    run_script,
+    toy_documents,
+    train_cfg,
+)
+from tokenizers import Tokenizer
 
 from minigpt.checkpoint import load_run
-from minigpt.config import ImportConfig, Sampling
+from minigpt.config import ImportConfig, Sampling, TokenizerConfig, TrainConfig
+from minigpt.corpus import iter_documents
+from minigpt.data import TokenData, eval_windows
 from minigpt.evaluate import encode_documents
 from minigpt.generate import generate
 from minigpt.hf_import import import_folder
+from minigpt.tokenizer import build
+from minigpt.train import train
+from minigpt.utils import sha256_file
 
 transformers = pytest.importorskip("transformers", reason="the export extra is not installed (pip install 'minigpt[export]')")
 
@@ -205,3 +223,85 @@ def test_an_imported_model_quantizes_and_keeps_its_tokenizer_files(tokenizer_dir
     q = load_run(tmp_path / "q")
     assert q.bos == 0 and q.model.cfg.n_kv_head == 2
     assert len(generate(q.model, q.prompt("ab")[0], 8, Sampling(temperature=0))[0]) == 8
+
+
+# --------------------------------------------------------------------------------------------------
+# data encoded with a given tokenizer, and a run started from a model
+
+
+def test_data_encoded_with_a_models_tokenizer_opens_each_document_with_its_bos(tokenizer_dir: Path, toy_dataset: Path,
+                                                                               tmp_path: Path) -> None:
+    src = llama(tmp_path / "src", tokenizer_dir)
+    out = build(TokenizerConfig(data=str(toy_dataset), tokenizer=str(src), out=str(tmp_path / "tok"))).out
+    data = TokenData(out)
+    assert (data.meta["bos_id"], data.meta["eot_id"], data.meta["kind"]) == (0, 1, "imported")
+    assert data.meta["tokenizer_sha256"] == sha256_file(src / "tokenizer.json") and data.meta["roundtrip"]["failures"] == 0
+    arr = data.val.arrays[0]
+    ends = np.flatnonzero(arr == 1)
+    assert arr[0] == 0 and (arr[ends[:-1] + 1] == 0).all()  # <s> opens every document, </s> ends it
+    first = [d for d, _ in iter_documents(toy_dataset, "val")][0]
+    assert arr[1 : ends[0]].tolist() == Tokenizer.from_file(str(src / "tokenizer.json")).encode(
+        first, add_special_tokens=False).ids
+
+
+def test_a_vocab_past_uint16_gets_uint32_shards(tokenizer_dir: Path, toy_dataset: Path, tmp_path: Path) -> None:
+    """Llama 3 has 128k tokens: the shards widen, and the ids above 65,535 survive."""
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tok.add_tokens([f"<extra_{i}>" for i in range(66_000)] + ["Әнием"])  # "Әнием" gets an id past 65,535
+    (tmp_path / "big").mkdir()
+    tok.save(str(tmp_path / "big" / "tokenizer.json"))
+    (tmp_path / "big" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    data = TokenData(build(TokenizerConfig(data=str(toy_dataset), tokenizer=str(tmp_path / "big"),
+                                           out=str(tmp_path / "tok"))).out)
+    big = tok.token_to_id("Әнием")
+    assert data.meta["dtype"] == "uint32" and big > 65_535
+    assert any((a == big).any() for a in data.train.arrays)
+
+
+def test_a_run_starts_from_an_imported_model_and_learns(tokenizer_dir: Path, toy_dataset: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    src = llama(tmp_path / "src", tokenizer_dir, num_key_value_heads=2, tie_word_embeddings=True)
+    out = build(TokenizerConfig(data=str(toy_dataset), tokenizer=str(src), out=str(tmp_path / "tok"))).out
+    base = dict(max_steps=30, eval_every=15, lr=1e-3, init_from=str(src), preset="tiny")
+    cfg = TrainConfig(**({k: v for k, v in train_cfg(out, tmp_path).__dict__.items()} | base))
+    summary = train(cfg, {"block_size": 64})
+    evals = [r for r in metrics(tmp_path / "run") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 15, 30]  # the source's own figure first
+    # step 0 is the source itself: transformers' loss on the same windows
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    data = TokenData(out)
+    windows = eval_windows(data.val, 64, 2048)
+    x = torch.tensor(np.stack([data.val.arrays[w.source][w.offset : w.offset + 65] for w in windows]).astype(np.int64))
+    with torch.no_grad():
+        logits = hf(x[:, :-1]).logits
+    theirs = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item()
+    assert evals[0]["val_loss"] == pytest.approx(theirs, rel=1e-3)
+    assert summary["best_val_loss"] < evals[0]["val_loss"] - 0.5  # training on the text gains
+    loaded = load_run(tmp_path / "run")
+    assert (loaded.model.cfg.n_kv_head, loaded.model.cfg.n_embd, loaded.bos) == (2, 64, 0)
+
+
+def test_init_from_refuses_another_tokenizer_and_a_new_shape(tokenizer_dir: Path, tokens: Path, toy_dataset: Path,
+                                                             tmp_path: Path) -> None:
+    src = llama(tmp_path / "src", tokenizer_dir)
+    proc = run_script("03_train.py", "--data", str(tokens), "--init-from", str(src), "--runs-dir", str(tmp_path),
+                      "--max-steps", "2", "--device", "cpu")
+    assert_user_error(proc, "another tokenizer", "--tokenizer")
+    out = build(TokenizerConfig(data=str(toy_dataset), tokenizer=str(src), out=str(tmp_path / "tok"))).out
+    for flag in (["--n-layer", "3"], ["--preset", "small"], ["--block-size", "4096"]):
+        proc = run_script("03_train.py", "--data", str(out), "--init-from", str(src), "--runs-dir", str(tmp_path),
+                          "--max-steps", "2", "--device", "cpu", *flag)
+        assert_user_error(proc, "--init-from" if flag[0] != "--block-size" else "longer than")
+
+
+def test_continue_pretraining_a_run_on_new_text(tokens: Path, toy_dataset: Path, tmp_path: Path) -> None:
+    """--init-from one's own run, on text encoded with its tokenizer: step 0 scores as the run does."""
+    train(train_cfg(tokens, tmp_path, name="first", max_steps=30), MODEL)
+    out = build(TokenizerConfig(data=str(toy_dataset), tokenizer=str(tmp_path / "first"), out=str(tmp_path / "again"))).out
+    assert TokenData(out).meta["tokenizer_sha256"] == TokenData(tokens).meta["tokenizer_sha256"]
+    train(train_cfg(out, tmp_path, name="second", max_steps=10, init_from=str(tmp_path / "first")), {"block_size": 32})
+    first = [r for r in metrics(tmp_path / "first") if "val_loss" in r]
+    second = [r for r in metrics(tmp_path / "second") if "val_loss" in r]
+    best_first = min(r["val_loss"] for r in first)
+    assert second[0]["step"] == 0 and second[0]["val_loss"] == pytest.approx(best_first, rel=1e-5)
