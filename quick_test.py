@@ -33,7 +33,11 @@ def main(cfg: QuickTestConfig) -> None:
     device = resolve_device(cfg.device)
     run = load_run(cfg.run, cfg.checkpoint, device, cfg.runs_dir)
     model, block = run.model, run.model.cfg.block_size
-    data = TokenData(cfg.data or run.config["data"]["folder"])
+    folder = cfg.data or run.config["data"].get("folder")
+    if not folder:
+        raise UserError(f"{run.folder.parent} has no data of its own (an imported model); pass --data with token "
+                        "shards encoded with its tokenizer (02_train_tokenizer.py --tokenizer).")
+    data = TokenData(folder)
     if data.meta["tokenizer_sha256"] != run.config["data"]["tokenizer_sha256"]:
         raise UserError(f"{data.folder} was encoded with another tokenizer than {run.folder}; pass matching --data.")
     console.print(f"[bold]quick test[/] {run.folder} (step {run.config.get('step')}, {model.num_params():,} parameters, "

@@ -326,7 +326,7 @@ def run_bench(cfg: BenchConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     if cfg.run:
         loaded = load_run(cfg.run, "best", device, cfg.runs_dir)
         model = loaded.model
-        data_path = data_path or loaded.config["data"]["folder"]
+        data_path = data_path or loaded.config["data"].get("folder")
         source = f"{loaded.folder} ({loaded.matmul})"
     else:
         vocab = overrides.pop("vocab_size", None) or 8192

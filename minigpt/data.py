@@ -138,8 +138,8 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
             lengths[i] = len(token)
         elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # byte fallback
             lengths[i] = 1
-        else:
-            lengths[i] = len(token.encode("utf-8"))
+        else:  # SentencePiece's "▁" stands for a space (one byte)
+            lengths[i] = len(token.replace("\u2581", " ").encode("utf-8"))
     return lengths
 
 
@@ -188,6 +188,8 @@ class TokenData:
         self.vocab_size: int = self.meta["vocab_size"]
         self.tokenizer_json = self.folder / "tokenizer.json"
         self.token_bytes = token_byte_lengths(load_tokenizer(self.tokenizer_json))
+        bos = self.meta.get("bos_id")  # a given tokenizer's BOS, before every document: given, never scored
+        self.bos: int | None = bos if bos is not None and bos != self.meta["eot_id"] else None
 
     def check_context(self, block_size: int) -> None:
         """Both splits need a shard that holds one window: a context plus the token after it."""

@@ -153,6 +153,7 @@ class TextStream:
     def __init__(self, decode: Callable[[list[int]], str], stops: list[str]) -> None:
         self.decode, self.stops = decode, stops
         self.pending: list[int] = []
+        self.before: list[int] = []  # the last token decoded: the context a SentencePiece decoder needs for spaces
         self.text = ""
         self.sent = 0  # characters of `text` handed out
         self.stopped = False
@@ -162,19 +163,28 @@ class TextStream:
         if self.stopped:
             return ""
         self.pending.append(token)
-        piece = self.decode(self.pending)
+        piece = self._piece()
         if piece.endswith("\ufffd"):
             return ""  # the rest of the character comes with the next token(s)
-        self.pending = []
+        self.before, self.pending = self.pending[-1:], []
         self.text += piece
         return self._release(final=False)
 
     def finish(self) -> str:
         """The end of the sequence: whatever was held back (bytes that never became a character included)."""
         if not self.stopped and self.pending:
-            self.text += self.decode(self.pending)
+            self.text += self._piece()
             self.pending = []
         return self._release(final=True)
+
+    def _piece(self) -> str:
+        """The pending tokens' text, as decoding them after the last token gives it (a decoder that drops the
+        leading space of a text, as SentencePiece's do, keeps it here)."""
+        if not self.before:
+            return self.decode(self.pending)
+        head = self.decode(self.before)
+        whole = self.decode(self.before + self.pending)
+        return whole[len(head):] if whole.startswith(head) else self.decode(self.pending)
 
     def _release(self, final: bool) -> str:
         if self.stopped:

@@ -59,12 +59,14 @@ def evaluate(
     model: torch.nn.Module, sources: list[np.ndarray], windows: list[Window], token_bytes: np.ndarray,
     batch_size: int, device: torch.device, dtype: torch.dtype, d: Dist | None = None,
     per_token: list[np.ndarray] | None = None, on_batch: Callable[[int], None] | None = None,
+    unscored: int | None = None,
 ) -> Score:
     """Score the `windows` of the token `sources` (shards, or streams of documents): the loss of every
     target a window scores, and the bytes of text behind them.
 
     `per_token` (float arrays shaped like `sources`) receives each scored target's loss at its position;
-    `on_batch` gets the number of windows done. Under torchrun every process scores the same number of
+    `on_batch` gets the number of windows done; a target equal to `unscored` (an imported model's BOS, which
+    opens every document) is never scored. Under torchrun every process scores the same number of
     windows (the last ones padded with windows that count nothing), so all of them run the same forward
     passes and meet at one all_reduce. The model's train/eval mode is restored afterwards.
     """
@@ -84,6 +86,8 @@ def evaluate(
             if w is not None:  # None: padding, scored nowhere
                 rows[r, : w.length] = sources[w.source][w.offset : w.offset + w.length]
                 scored[r, w.skip : w.length - 1] = True
+        if unscored is not None:
+            scored &= rows[:, 1:] != unscored
         batch = torch.from_numpy(rows).to(device)
         with autocast(device, dtype):
             logits = model(batch[:, :-1]).logits
@@ -278,7 +282,8 @@ def eval_run(cfg: EvalConfig, read: PrepareConfig) -> dict[str, Any]:
     with progress(*columns) as bars:
         task = bars.add_task("scoring windows", total=len(windows))
         score = evaluate(loaded.model, streams, windows, token_bytes, cfg.batch_size, device, dtype,
-                         per_token=per_token, on_batch=lambda n: bars.advance(task, n))
+                         per_token=per_token, on_batch=lambda n: bars.advance(task, n),
+                         unscored=loaded.bos if loaded.bos != loaded.eot else None)
     seconds = time.perf_counter() - start
     chars = sum(doc.chars for doc in documents) if documents is not None else None
     report: dict[str, Any] = {

@@ -10,6 +10,7 @@ its tokenizer adds one, else its EOS, and its document end is the EOS.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
 from .checkpoint import (
@@ -64,7 +65,7 @@ def model_config_of(src: dict[str, Any], context: int) -> ModelConfig:
     elif kind != "default":
         raise UserError(f"the source has rope_type={kind!r}; minigpt supports the default RoPE and llama3's only.")
     return ModelConfig(
-        vocab_size=src["vocab_size"], block_size=min(context, src.get("max_position_embeddings", context)),
+        vocab_size=src["vocab_size"], block_size=min(context, src.get("max_position_embeddings") or context),
         n_layer=src["num_hidden_layers"], n_head=heads, n_kv_head=src.get("num_key_value_heads") or heads,
         n_embd=width, mlp="swiglu", mlp_size=src["intermediate_size"], dropout=0.0,
         tie_embeddings=bool(src.get("tie_word_embeddings", False)), rope_theta=float(theta),
@@ -75,7 +76,10 @@ def shard_files(folder: Path) -> list[Path]:
     """model.safetensors, or the shards a model.safetensors.index.json names."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        return [folder / name for name in sorted(set(read_json(index, "shard index")["weight_map"].values()))]
+        weight_map = read_json(index, "shard index").get("weight_map") or {}
+        if not weight_map:
+            raise UserError(f"{index} has no weight_map; the folder is incomplete.")
+        return [folder / name for name in sorted(set(weight_map.values()))]
     if (folder / "model.safetensors").exists():
         return [folder / "model.safetensors"]
     if any(folder.glob("*.bin")):
@@ -89,7 +93,11 @@ def read_tensors(folder: Path, cfg: ModelConfig, dtype: torch.dtype) -> dict[str
     out: dict[str, torch.Tensor] = {}
     parts: dict[int, dict[str, torch.Tensor]] = {}  # a layer's q/k/v and gate/up until all have come
     for path in shard_files(folder):
-        with safe_open(str(path), framework="pt") as f:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"{path} cannot be read ({e}); the folder is incomplete or damaged.") from None
+        with handle as f:
             for name in f.keys():  # noqa: SIM118  (a safe_open handle is no dict)
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # derived from the config
@@ -159,6 +167,13 @@ def _check_shapes(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
                             f"says {tuple(shape)}; the folder does not match its config.")
 
 
+def earlier_import(folder: Path) -> bool:
+    """Whether `folder` holds a run this command imported (only those may --force replace, never a trained run)."""
+    with contextlib.suppress(UserError, OSError):
+        return has_checkpoint(folder, "best") and "source" in read_json(folder / "best" / "config.json", "config")
+    return False
+
+
 def import_folder(cfg: ImportConfig) -> dict[str, Any]:
     """Write the run; returns what `minigpt import` reports."""
     t0 = time.perf_counter()
@@ -168,9 +183,13 @@ def import_folder(cfg: ImportConfig) -> dict[str, Any]:
     if not (folder / "tokenizer.json").exists():
         raise UserError(f"{folder} has no tokenizer.json (a fast tokenizer); save one with "
                         "AutoTokenizer.from_pretrained(...).save_pretrained(folder).")
-    out = output_folder(cfg.out, folder, cfg.force, lambda p: has_checkpoint(p, "best"), "imported run")
+    out = output_folder(cfg.out, folder, cfg.force, earlier_import, "imported run")
     src = read_json(folder / "config.json", "model config")
-    mcfg = model_config_of(src, cfg.context)
+    try:
+        mcfg = model_config_of(src, cfg.context)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{folder}/config.json lacks a field the model needs, or has a wrong value ({e!r}); is it "
+                        "a transformers Llama config?") from None
     try:
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as e:  # the tokenizers library raises its own kinds
@@ -188,8 +207,6 @@ def import_folder(cfg: ImportConfig) -> dict[str, Any]:
         "source": {"folder": str(folder.resolve()), "architecture": src["architectures"][0],
                    "context": src.get("max_position_embeddings"), "dtype": cfg.dtype},
     }
-    if cfg.dtype != "fp32":
-        config["quantization"] = {"scheme": cfg.dtype, "source": str(folder.resolve())}
     if out.exists():
         shutil.rmtree(out)  # an earlier import, and --force (output_folder refused anything else)
     with torch.device("meta"):

@@ -560,7 +560,7 @@ class Trainer:
         while True:
             try:
                 score = evaluate(self.eval_model, self.data.val.arrays, windows, self.data.token_bytes,
-                                 self.cfg.batch_size, self.device, self.dtype, self.d)
+                                 self.cfg.batch_size, self.device, self.dtype, self.d, unscored=self.data.bos)
                 self.eval_unproven = False
                 return score
             except Exception as e:  # the compiled evaluation (CUDA) builds its own graph at its first call

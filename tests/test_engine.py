@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from minigpt.config import ModelConfig, Sampling
+from minigpt.data import token_byte_lengths
 from minigpt.engine import Engine, RowSampling, Sequence, TextStream, next_token, next_token_rows
 from minigpt.generate import generate
 from minigpt.model import GPT
@@ -155,3 +156,17 @@ def test_engine_serves_first_come_first_and_an_end_token_at_the_limit_is_a_stop(
     assert got[0] == cont[: at + 1] and ends[0] == "stop"  # the end token is its last token: a stop
     got, ends, _ = run_engine(model, [(ids[0], at, sampled)], slots=1, seed=5, eot=cont[at])
     assert got[0] == cont[:at] and ends[0] == "length"
+
+
+def test_a_sentencepiece_decoder_keeps_the_spaces_between_streamed_tokens() -> None:
+    """Llama 2's and TinyLlama's decoders drop the leading space of a text decoded alone: the stream decodes
+    each piece after the token before it, and the byte count reads "\u2581" as the space it is."""
+    from tokenizers import Tokenizer, decoders, models
+
+    tok = Tokenizer(models.WordLevel({"\u2581Hello": 0, "\u2581world": 1, "!": 2, "<unk>": 3}, unk_token="<unk>"))
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    decode = lambda ids: tok.decode(ids)  # noqa: E731
+    assert decode([1]) == "world" and decode([0, 1, 1, 2]) == "Hello world world!"
+    stream = TextStream(decode, [])
+    assert "".join(stream.push(t) for t in (0, 1, 1, 2)) + stream.finish() == "Hello world world!"
+    assert token_byte_lengths(tok).tolist()[:3] == [6, 6, 1]

@@ -135,6 +135,11 @@ def test_an_imported_model_scores_each_document_from_its_bos(tokenizer_dir: Path
     a, c = loaded.encode("ab"), loaded.encode("cd")
     assert stream.tolist() == [0, *a, 1, 0, *c, 1]
     assert [(d.start, d.end) for d in docs] == [(1, 2 + len(a)), (3 + len(a), 4 + len(a) + len(c))]
+    # the totals are the documents' sums: the <s> between them is given, not scored
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in (ENGLISH, TATAR, RUSSIAN)))
+    proc = run_cli("eval", "--run", str(tmp_path / "run"), str(tmp_path / "docs.jsonl"))
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["documents"] == 3 and r["tokens"] == sum(d["tokens"] for d in r["most_surprising"]), r
 
 
 def test_a_bf16_import_is_half_the_size_and_close(tokenizer_dir: Path, tmp_path: Path) -> None:
@@ -142,9 +147,10 @@ def test_a_bf16_import_is_half_the_size_and_close(tokenizer_dir: Path, tmp_path:
     for dtype in ("fp32", "bf16"):
         import_folder(ImportConfig(source=str(src), out=str(tmp_path / dtype), dtype=dtype))
     sizes = {d: (tmp_path / d / "best" / "model.safetensors").stat().st_size for d in ("fp32", "bf16")}
+    proc = run_cli("quantize", "--run", str(tmp_path / "bf16"), "--to", "int8", "--new-tokens", "4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # a bf16 import is no quantized copy
     assert sizes["bf16"] < 0.51 * sizes["fp32"]
     full, half = load_run(tmp_path / "fp32"), load_run(tmp_path / "bf16")
-    assert next(half.model.parameters()).dtype == torch.bfloat16
     ids = torch.tensor([[0, *full.encode(ENGLISH)]])
     with torch.no_grad():
         a, b = full.model(ids).logits, half.model(ids).logits.float()
@@ -185,12 +191,19 @@ def test_what_the_model_cannot_be_is_refused_naming_the_field(tokenizer_dir: Pat
     assert not (tmp_path / "run").exists()
 
 
-def test_bad_folders_are_one_sentence(tokenizer_dir: Path, tmp_path: Path) -> None:
+def test_bad_folders_are_one_sentence(tokenizer_dir: Path, tokens: Path, tmp_path: Path) -> None:
     assert_user_error(run_cli("import", str(tmp_path / "none"), "--out", str(tmp_path / "r")), "no config.json")
     src = llama(tmp_path / "src", tokenizer_dir)
     import_folder(ImportConfig(source=str(src), out=str(tmp_path / "r")))
     assert_user_error(run_cli("import", str(src), "--out", str(tmp_path / "r")), "--force")  # never over a run
     assert run_cli("import", str(src), "--out", str(tmp_path / "r"), "--force").returncode == 0
+    train(train_cfg(tokens, tmp_path, name="trained", max_steps=2), MODEL)  # --force never replaces a trained run
+    assert_user_error(run_cli("import", str(src), "--out", str(tmp_path / "trained"), "--force"), "not an earlier")
+    assert (tmp_path / "trained" / "last").is_dir()
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "hidden_size"}))
+    assert_user_error(run_cli("import", str(src), "--out", str(tmp_path / "r3")), "hidden_size")
+    (src / "config.json").write_text(json.dumps(config))
     (src / "model.safetensors").rename(src / "weights.bin")
     assert_user_error(run_cli("import", str(src), "--out", str(tmp_path / "r2")), "safetensors")
 
