@@ -183,6 +183,8 @@ class TextStream:
         if not self.before:
             return self.decode(self.pending)
         head = self.decode(self.before)
+        if "\ufffd" in head:  # the last byte of a character: no context to give
+            return self.decode(self.pending)
         whole = self.decode(self.before + self.pending)
         return whole[len(head):] if whole.startswith(head) else self.decode(self.pending)
 
