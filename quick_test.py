@@ -83,7 +83,7 @@ def main(cfg: QuickTestConfig) -> None:
 
     # 3. val loss and bits per byte, against a unigram model of the training tokens on the same targets
     windows = eval_windows(data.val, block, cfg.eval_tokens)
-    score = evaluate(model, data.val.arrays, windows, data.token_bytes, 16, device, torch.float32)
+    score = evaluate(model, data.val.arrays, windows, data.token_bytes, 16, device, torch.float32, unscored=data.bos)
     unigram = unigram_baseline(data, windows)
     t = Table(title=f"val, {score.tokens:,} tokens ({score.bytes:,} bytes of text)")
     for col in ("model", "loss (nats/token)", "bits per byte"):

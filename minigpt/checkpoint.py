@@ -58,10 +58,6 @@ def _rename(src: Path, dst: Path) -> None:
     os.replace(src, dst)
 
 
-# an imported model's own files, kept in its checkpoint beside tokenizer.json (export writes them back as they came)
-IMPORTED_FILES = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
-
-
 def save_checkpoint(
     run_dir: Path,
     tag: str,

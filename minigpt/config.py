@@ -439,7 +439,8 @@ class ImportConfig:
                       argument=True)
     out: str = opt("", help="The run folder to write, e.g. runs/smollm2 (it must not exist, or be empty, unless --force).")
     dtype: str = opt("fp32", help="fp32 or bf16 (half the file; loaded as fp32, run in bf16 where the device has it).")
-    context: int = opt(2048, help="The context to keep, in tokens (at most the source's max_position_embeddings).")
+    context: int = opt(2048, help="The context to keep, in tokens (at most the source's max_position_embeddings; "
+                                  "03_train.py --init-from FOLDER keeps 2048 too).")
     force: bool = opt(False, help="Replace an earlier import in --out.")
     json: str = opt("", help="Also write the JSON result to this file.")
 

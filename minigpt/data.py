@@ -99,6 +99,9 @@ def document_tokens(folder: Path, tok: Tokenizer) -> tuple[int, int]:
     return (bos if bos is not None and added[:1] == [bos] else eos), eos
 
 
+IMPORTED_FILES = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json")  # a given tokenizer's own
+
+
 @dataclass
 class GivenTokenizer:
     """A tokenizer to encode data with instead of training one: a run's, or a Hugging Face folder's."""
@@ -187,6 +190,8 @@ class TokenData:
         self.val = Shards(self.folder, "val", self.meta)
         self.vocab_size: int = self.meta["vocab_size"]
         self.tokenizer_json = self.folder / "tokenizer.json"
+        # a given tokenizer's own files (its special tokens, chat template), which checkpoints and exports keep
+        self.tokenizer_files = [self.folder / n for n in IMPORTED_FILES if (self.folder / n).exists()]
         self.token_bytes = token_byte_lengths(load_tokenizer(self.tokenizer_json))
         bos = self.meta.get("bos_id")  # a given tokenizer's BOS, before every document: given, never scored
         self.bos: int | None = bos if bos is not None and bos != self.meta["eot_id"] else None

@@ -134,6 +134,7 @@ def unigram_baseline(data: TokenData, windows: list[Window]) -> Score:
             counts += np.bincount(arr[i:i + (1 << 24)], minlength=data.vocab_size)
     logp = np.log((counts + 1) / (counts.sum() + data.vocab_size))  # unseen tokens keep some mass
     targets = window_targets(data.val.arrays, windows)
+    targets = targets[targets != data.bos] if data.bos is not None else targets  # as the model's score: no BOS
     return Score.of(float(-logp[targets].sum()), int(targets.size), int(data.token_bytes[targets].sum()))
 
 

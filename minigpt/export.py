@@ -27,9 +27,9 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, processors
 
-from .checkpoint import IMPORTED_FILES, Loaded, load_run, quantization
+from .checkpoint import Loaded, load_run, quantization
 from .config import ExportConfig
-from .data import EOT, parse_tag
+from .data import EOT, IMPORTED_FILES, parse_tag
 from .int8 import Int8Embedding, Int8Linear, dequantize
 from .model import GPT
 from .utils import UMASK, UserError, console, fsync_dir, human_bytes, output_folder, write_json
@@ -92,7 +92,7 @@ def write_tokenizer(loaded: Loaded, out: Path) -> None:
     """tokenizer.json (with <|endoftext|> put before a text, as a document start, when special tokens are
     added), tokenizer_config.json and special_tokens_map.json, for AutoTokenizer; an imported model's own files
     as they came."""
-    if loaded.config.get("source"):
+    if loaded.config["data"].get("kind") == "imported":  # imported, or trained on data its tokenizer encoded
         for path in loaded.folder.iterdir():
             if path.name in ("tokenizer.json", *IMPORTED_FILES):
                 shutil.copyfile(path, out / path.name)
@@ -140,7 +140,8 @@ def model_card(loaded: Loaded, fmt: str, note: str) -> str:
     return "\n".join([
         f"# {loaded.folder.parent.name} ({title})", "",
         (f"A Llama-family model imported into minigpt from {loaded.config['source']['folder']}."
-         if loaded.config.get("source") else "A small decoder-only GPT trained from scratch with minigpt."), "",
+         if loaded.config.get("source") else f"A decoder-only GPT trained with minigpt from {train['init_from']}."
+         if train.get("init_from") else "A small decoder-only GPT trained from scratch with minigpt."), "",
         "| | |", "| --- | --- |",
         f"| data | {Path(str(data.get('dataset'))).name} ({data.get('kind')} tokenizer, vocab {c.vocab_size:,}) |",
         f"| shape | {c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads ({c.kv_heads} key/value), context "

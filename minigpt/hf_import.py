@@ -22,7 +22,6 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
 from .checkpoint import (
-    IMPORTED_FILES,
     find_checkpoint,
     has_checkpoint,
     load_model,
@@ -31,7 +30,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ImportConfig, ModelConfig
-from .data import document_tokens
+from .data import IMPORTED_FILES, document_tokens
 from .model import GPT
 from .utils import UserError, human_bytes, output_folder, read_json, sha256_file
 
@@ -174,19 +173,17 @@ def earlier_import(folder: Path) -> bool:
     return False
 
 
-def import_folder(cfg: ImportConfig) -> dict[str, Any]:
-    """Write the run; returns what `minigpt import` reports."""
-    t0 = time.perf_counter()
-    folder = Path(cfg.source)
+def checked_source(folder: Path, context: int) -> tuple[dict[str, Any], ModelConfig, Tokenizer]:
+    """A Hugging Face folder's config.json, the ModelConfig it maps to and its tokenizer, or one sentence
+    saying what is missing or unsupported."""
     if not (folder / "config.json").exists():
         raise UserError(f"{folder} has no config.json; give a local Hugging Face model folder.")
     if not (folder / "tokenizer.json").exists():
         raise UserError(f"{folder} has no tokenizer.json (a fast tokenizer); save one with "
                         "AutoTokenizer.from_pretrained(...).save_pretrained(folder).")
-    out = output_folder(cfg.out, folder, cfg.force, earlier_import, "imported run")
     src = read_json(folder / "config.json", "model config")
     try:
-        mcfg = model_config_of(src, cfg.context)
+        mcfg = model_config_of(src, context)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{folder}/config.json lacks a field the model needs, or has a wrong value ({e!r}); is it "
                         "a transformers Llama config?") from None
@@ -197,6 +194,17 @@ def import_folder(cfg: ImportConfig) -> dict[str, Any]:
     if tok.get_vocab_size() != mcfg.vocab_size:
         raise UserError(f"the tokenizer has {tok.get_vocab_size():,} tokens but the model's vocab_size is "
                         f"{mcfg.vocab_size:,}; minigpt needs them equal (the embedding rows are the tokens).")
+    return src, mcfg, tok
+
+
+def import_folder(cfg: ImportConfig) -> dict[str, Any]:
+    """Write the run; returns what `minigpt import` reports."""
+    t0 = time.perf_counter()
+    folder = Path(cfg.source)
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder} has no config.json; give a local Hugging Face model folder.")
+    out = output_folder(cfg.out, folder, cfg.force, earlier_import, "imported run")
+    src, mcfg, tok = checked_source(folder, cfg.context)
     bos, eos = document_tokens(folder, tok)
     tensors = read_tensors(folder, mcfg, DTYPES[cfg.dtype])
     params = sum(t.numel() for t in tensors.values())
@@ -231,7 +239,8 @@ def _peak_note(params: int, dtype: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # 03_train.py --init-from: the model a new run starts from
 
-INIT_OPTIONS = ("dropout", "block_size")  # the model options a run started from a model may still set
+INIT_OPTIONS = ("dropout", "block_size")
+DEFAULT_CONTEXT = 2048  # tokens a model read from a folder keeps, as `minigpt import` does  # the model options a run started from a model may still set
 
 
 def source_model(source: str, overrides: dict[str, Any]) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
@@ -243,13 +252,12 @@ def source_model(source: str, overrides: dict[str, Any]) -> tuple[ModelConfig, d
         raise UserError(f"--init-from keeps the model it starts from; leave out --{shape[0].replace('_', '-')} "
                         f"(only --{' and --'.join(o.replace('_', '-') for o in INIT_OPTIONS)} may change).")
     path = Path(source)
-    if (path / "config.json").exists() and (path / "model.safetensors").exists() and not (path / "manifest.json").exists() \
-            or (path / "model.safetensors.index.json").exists():  # a Hugging Face folder
-        src = read_json(path / "config.json", "model config")
-        cfg = model_config_of(src, src.get("max_position_embeddings", 2048))
+    if (path / "config.json").exists() and not (path / "manifest.json").exists():  # a Hugging Face folder
+        _, cfg, _ = checked_source(path, DEFAULT_CONTEXT)
         tensors, sha = read_tensors(path, cfg, torch.float32), sha256_file(path / "tokenizer.json")
-    else:
-        folder = find_checkpoint(path, "best" if has_checkpoint(path, "best") else "last")
+    else:  # a run, or one of its checkpoint folders
+        folder = path if (path / "manifest.json").exists() else find_checkpoint(
+            path, "best" if has_checkpoint(path, "best") else "last")
         model, config = load_model(folder)
         if quantization(config) == "int8":
             raise UserError(f"{source} is an int8 copy; start from the run it was quantized from.")

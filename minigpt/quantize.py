@@ -16,7 +16,6 @@ import torch
 
 from .bench import decode_tokens_per_s
 from .checkpoint import (
-    IMPORTED_FILES,
     SCHEMES,
     load_run,
     model_tensors,
@@ -25,7 +24,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import QuantizeConfig
-from .data import TokenData, eval_windows
+from .data import IMPORTED_FILES, TokenData, eval_windows
 from .evaluate import evaluate
 from .generate import default_mode
 from .int8 import int8_linears, quantize_int8
@@ -98,7 +97,8 @@ def quantize_run(cfg: QuantizeConfig) -> dict[str, Any]:
                               "matmul": after.matmul}
     for label, loaded in (("before", before), ("after", after)):
         with console.status(f"measuring {label}..."):
-            score = evaluate(loaded.model, data.val.arrays, windows, data.token_bytes, 16, device, torch.float32) \
+            score = evaluate(loaded.model, data.val.arrays, windows, data.token_bytes, 16, device, torch.float32,
+                             unscored=data.bos) \
                 if data else None
             mode = default_mode(device)
             speed = {rows: decode_tokens_per_s(loaded.model, prompt, cfg.new_tokens, rows, mode) for rows in (1, 32)}

@@ -110,7 +110,8 @@ CHANGES_LOSSES = frozenset({"max_steps", "max_minutes", "max_epochs", "device", 
                             "cooldown", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip",
                             "muon_momentum"})  # the budgets move the schedule's decay; a batch must stay (below)
 NAMING = frozenset({"name", "runs_dir", "resume"})  # find the run: never compared
-AT_START = frozenset({"fit_data", "init_from"})  # its rules ran when the run began (their outcome is saved): never compared
+AT_START = frozenset({"fit_data"})
+STARTED_FROM = frozenset({"init_from"})  # where the run's weights came from: the saved value stays  # its rules ran when the run began (their outcome is saved): never compared
 SAVED_BEFORE = {"schedule": "cosine"}  # a run saved before a setting existed trained with this value of it
 
 
@@ -201,6 +202,9 @@ def resumed_config(cfg: TrainConfig, overrides: dict[str, Any], given: Set[str] 
     changed: dict[str, tuple[Any, Any]] = {}
     for f in fields:
         now = getattr(cfg, f.name)
+        if f.name in STARTED_FROM:
+            values[f.name] = before.get(f.name, now)
+            continue
         if f.name in NAMING | AT_START or f.name not in before:
             values[f.name] = now
             continue

@@ -32,7 +32,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from .config import TokenizerConfig
 from .corpus import iter_documents
-from .data import EOT, FORMAT_VERSION, given_tokenizer, tag_ids_of, tag_token
+from .data import EOT, FORMAT_VERSION, IMPORTED_FILES, given_tokenizer, tag_ids_of, tag_token
 from .utils import (
     PlainProgress,
     UserError,
@@ -354,6 +354,9 @@ def build(cfg: TokenizerConfig) -> TokenizerResult:
             old.unlink()
     if given is not None:  # byte for byte, so that its sha256 is the run's or the folder's own
         shutil.copyfile(given.path, out / "tokenizer.json")
+        for name in IMPORTED_FILES:  # its special tokens and chat template, for checkpoints and exports
+            if (given.path.parent / name).exists():
+                shutil.copyfile(given.path.parent / name, out / name)
     else:
         tok.save(str(out / "tokenizer.json"))
     total_bytes = splits["train"]["bytes"] + splits["val"]["bytes"]

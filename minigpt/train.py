@@ -392,7 +392,7 @@ class Trainer:
         self.tok = load_tokenizer(data.tokenizer_json) if d.main else None
         if d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _trim_metrics(self.metrics_path, self.start_step)
+            _trim_metrics(self.metrics_path, self.start_step if resumed is not None else -1)  # a new run: none
             print_header(self)
 
     def _restore(self, resumed: Resumed) -> None:
@@ -429,7 +429,7 @@ class Trainer:
         try:
             save_checkpoint(self.run_dir, tag, self.raw_model, self.config_json | {"step": self.step, **(extra or {})},
                             self.data.tokenizer_json, self.optimizer if last or rewindable else None,
-                            state.state_dict() if last else None)
+                            state.state_dict() if last else None, extra_files=self.data.tokenizer_files)
             return True
         except OSError as e:
             console.print(f"[bold red]could not write checkpoint '{tag}' at step {self.step} ({e.strerror or e}); "
@@ -590,6 +590,7 @@ class Trainer:
         last_eval: Score | None = None
         if cfg.init_from and self.step == 0:  # where the source starts, before any step: what training gains
             last_eval, _ = self.validate(clock.elapsed())
+            t_log = time.perf_counter()  # the first steps' timings leave it out
         with clock.ctrl_c(), progress_bar(self.d.main, cfg.max_steps, self.step) as bar:
             while self.step < self.cfg.max_steps:
                 time_used = clock.time_used(self.step, first=self.step == step_log)

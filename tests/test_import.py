@@ -31,7 +31,7 @@ from minigpt.corpus import iter_documents
 from minigpt.data import TokenData, eval_windows
 from minigpt.evaluate import encode_documents
 from minigpt.generate import generate
-from minigpt.hf_import import import_folder
+from minigpt.hf_import import import_folder, source_model
 from minigpt.tokenizer import build
 from minigpt.train import train
 from minigpt.utils import sha256_file
@@ -288,11 +288,20 @@ def test_a_run_starts_from_an_imported_model_and_learns(tokenizer_dir: Path, toy
     x = torch.tensor(np.stack([data.val.arrays[w.source][w.offset : w.offset + 65] for w in windows]).astype(np.int64))
     with torch.no_grad():
         logits = hf(x[:, :-1]).logits
-    theirs = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item()
-    assert evals[0]["val_loss"] == pytest.approx(theirs, rel=1e-3)
+    nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+    scored = x[:, 1:].flatten() != 0  # the <s> that opens a document is given, never scored
+    assert (~scored).any() and evals[0]["val_loss"] == pytest.approx(nats[scored].mean().item(), rel=1e-5)
     assert summary["best_val_loss"] < evals[0]["val_loss"] - 0.5  # training on the text gains
     loaded = load_run(tmp_path / "run")
     assert (loaded.model.cfg.n_kv_head, loaded.model.cfg.n_embd, loaded.bos) == (2, 64, 0)
+    # exported, it carries the source's tokenizer files as they came (its <s>, its special tokens)
+    assert run_cli("export", "--run", str(tmp_path / "run"), str(tmp_path / "hf")).returncode == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (src / name).exists():
+            assert (tmp_path / "hf" / name).read_bytes() == (src / name).read_bytes(), name
+    # a folder read directly keeps the context `minigpt import` keeps
+    long = llama(tmp_path / "long", tokenizer_dir, max_position_embeddings=4096)
+    assert source_model(str(long), {})[0].block_size == 2048
 
 
 def test_init_from_refuses_another_tokenizer_and_a_new_shape(tokenizer_dir: Path, tokens: Path, toy_dataset: Path,
@@ -313,7 +322,8 @@ def test_continue_pretraining_a_run_on_new_text(tokens: Path, toy_dataset: Path,
     train(train_cfg(tokens, tmp_path, name="first", max_steps=30), MODEL)
     out = build(TokenizerConfig(data=str(toy_dataset), tokenizer=str(tmp_path / "first"), out=str(tmp_path / "again"))).out
     assert TokenData(out).meta["tokenizer_sha256"] == TokenData(tokens).meta["tokenizer_sha256"]
-    train(train_cfg(out, tmp_path, name="second", max_steps=10, init_from=str(tmp_path / "first")), {"block_size": 32})
+    train(train_cfg(out, tmp_path, name="second", max_steps=10, init_from=str(tmp_path / "first" / "best")),
+          {"block_size": 32})  # a run's checkpoint folder, or the run
     first = [r for r in metrics(tmp_path / "first") if "val_loss" in r]
     second = [r for r in metrics(tmp_path / "second") if "val_loss" in r]
     best_first = min(r["val_loss"] for r in first)
