@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from .config import CHECKPOINTS, ModelConfig
 from .data import load_tokenizer, parse_tag, tag_ids_of, tag_token
 from .int8 import int8_matmul, set_inference_dtype, to_int8
-from .model import GPT
+from .model import GPT, rotary_tables
 from .utils import (
     UserError,
     atomic_open,
@@ -163,19 +163,24 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[GPT, d
     emb = tensors.get("wte.weight")
     if emb is None or emb.shape[0] != cfg.vocab_size:
         raise UserError(f"{folder}: the weights do not match the vocab size {cfg.vocab_size} in config.json.")
-    model = GPT(cfg)
     scheme = quantization(config)
     if scheme == "int8":
+        model = GPT(cfg)
         try:
             to_int8(model, tensors)
         except KeyError:
             raise UserError(f"{folder}: the int8 weights do not fit the model in config.json; the checkpoint is damaged.") from None
         return model.to(device), config
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
+    with torch.device("meta"):
+        model = GPT(cfg)  # nothing allocated or initialised: the file's tensors become the weights (one copy in memory)
+    shapes = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    if tensors.keys() != shapes.keys() or any(tensors[k].shape != shape for k, shape in shapes.items()):
         raise UserError(f"{folder}: the weights do not fit the model in config.json; the checkpoint is damaged.")
-    if scheme in SCHEMES:  # bf16 / fp16: the whole model in that dtype
-        model.to(SCHEMES[scheme])
+    dtype = SCHEMES.get(scheme, torch.float32)  # a bf16 / fp16 copy stays so; anything else (a bf16 import) is fp32
+    model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight  # assigning replaced the shared parameter
+    model.cos, model.sin = rotary_tables(cfg, cfg.block_size)  # buffers derived from the config, not saved
     return model.to(device), config
 
 
