@@ -299,6 +299,18 @@ def load_run(run: str | Path, which: str = "best", device: torch.device | str = 
     return Loaded(model, tokenizer, config, folder, matmul)
 
 
+TRAIN_BYTES_PER_WEIGHT = 16  # fp32 weights, their gradients and AdamW's two moments (bf16 autocast keeps fp32 weights)
+
+
+def memory(model: GPT) -> dict[str, int]:
+    """The bytes a model's weights take as loaded, and what training it with AdamW needs before activations."""
+    stored = {t.data_ptr(): t for t in model.state_dict().values() if isinstance(t, torch.Tensor)}  # a tie once
+    weights = sum(t.numel() * t.element_size() for t in stored.values())
+    params = model.num_params()
+    return {"weights_bytes": weights, "train_bytes_per_weight": TRAIN_BYTES_PER_WEIGHT,
+            "train_bytes": TRAIN_BYTES_PER_WEIGHT * params}
+
+
 def run_info(loaded: Loaded) -> dict[str, Any]:
     """What a run is: model shape and size, tokenizer, tags and their documents, training, val figures
     (a quantized run's own are not known: its source's are under `quantization_source`), files."""
@@ -325,6 +337,7 @@ def run_info(loaded: Loaded) -> dict[str, Any]:
         "val_loss": best_config.get("val_loss"), "val_bpb": best_config.get("val_bpb"),
         "quantization_source": config.get("quantization", {}).get("source"),
         "source": config.get("source"),  # an imported model's folder
+        "memory": memory(loaded.model),
         "files": {p.name: p.stat().st_size for p in sorted(loaded.folder.iterdir()) if p.is_file()},
     }
 

@@ -287,6 +287,10 @@ def info_cmd(cfg: InfoConfig) -> None:
     t.add_row("model", f"{m['n_layer']} layers x {m['n_embd']} wide, {m['n_head']} heads{kv}, context {m['block_size']}, "
               f"{m['mlp']}, {'tied' if m['tie_embeddings'] else 'untied'} embeddings; {r['parameters']:,} parameters")
     t.add_row("tokenizer", f"{tok['kind']}, vocab {tok['vocab_size']:,}")
+    mem = r["memory"]
+    t.add_row("memory", f"{human_bytes(mem['weights_bytes'])} of weights; training with AdamW needs about "
+              f"{human_bytes(mem['train_bytes'])} ({mem['train_bytes_per_weight']} bytes a weight: fp32 weights, "
+              "gradients, two moments) plus activations")
     t.add_row("weights", f"{r['quantization']} ({r['matmul']})" + (
         escape(f", from {r['quantization_source']}") if r["quantization_source"] else ""))
     t.add_row("training", f"step {r['step']:,} of {r['train']['max_steps']:,}" if r["step"] is not None else "-")

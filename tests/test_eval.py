@@ -180,6 +180,8 @@ def test_tags_in_generation_and_info(tagged: dict[str, Path]) -> None:
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["tags"] == {"lang": {"en": 200, "tt": 200}}  # id has 400 values: no token, not a tag
     assert info["parameters"] == loaded.model.num_params() and info["step"] == 60 and info["val_bpb"] > 0
+    assert info["memory"] == {"weights_bytes": 4 * info["parameters"], "train_bytes_per_weight": 16,
+                              "train_bytes": 16 * info["parameters"]}  # an fp32 run
     assert {"model.safetensors", "config.json", "tokenizer.json", "manifest.json"} <= set(info["files"])
     assert "tt (200 docs)" in proc.stdout
     proc = run_script("quick_test.py", "--run", run, "--max-new-tokens", "8", "--temperature", "0.8")

@@ -137,6 +137,7 @@ def test_errors(run: Path, tmp_path: Path) -> None:
     info = json.loads(run_cli("info", "--run", str(out)).stdout.strip().splitlines()[-1])
     assert info["quantization"] == "int8" and info["quantization_source"] == str(run / "best")
     assert info["val_bpb"] is None  # the source run's figure is not this run's
+    assert info["parameters"] < info["memory"]["weights_bytes"] < 1.2 * info["parameters"]  # a byte a weight, and scales
     wrong = tmp_path / "wrong"
     shutil.copytree(run, wrong)
     tok = build(TokenizerConfig(data=str(run.parent.parent / "data" / "toy"), char=True)).out / "tokenizer.json"
