@@ -318,7 +318,7 @@ def import_cmd(cfg: ImportConfig) -> None:
     r = import_folder(cfg)
     console.print(f"wrote {escape(r['out'])}: {r['layers']} layers x {r['width']} wide, {r['heads']} heads "
                   f"({r['kv_heads']} key/value), context {r['context']:,}, vocab {r['vocab_size']:,}, "
-                  f"{r['parameters']:,} weights in {r['dtype']} ({r['size']}, {r['seconds']:.1f} s; {r['peak_note']})",
+                  f"{r['parameters']:,} weights in {r['dtype']} ({r['size']}, {r['seconds']:.1f} s; {r['memory_note']})",
                   highlight=False)
     write_json_line(r, cfg.json)
 

@@ -226,13 +226,13 @@ def import_folder(cfg: ImportConfig) -> dict[str, Any]:
             "width": mcfg.n_embd, "heads": mcfg.n_head, "kv_heads": mcfg.kv_heads, "context": mcfg.block_size,
             "vocab_size": mcfg.vocab_size, "bos_id": bos, "eos_id": eos, "dtype": cfg.dtype, "size": human_bytes(size),
             "seconds": round(time.perf_counter() - t0, 2), "tied": mcfg.tie_embeddings,
-            "rope": (mcfg.rope_scaling or {}).get("rope_type", "default"), "peak_note": _peak_note(params, cfg.dtype)}
+            "rope": (mcfg.rope_scaling or {}).get("rope_type", "default"), "memory_note": _memory_note(params, cfg.dtype)}
 
 
-def _peak_note(params: int, dtype: str) -> str:
-    """The memory the import holds at its peak: the converted model, plus one layer's pieces."""
+def _memory_note(params: int, dtype: str) -> str:
+    """What the import holds: the converted weights, plus one source shard and one layer's pieces at a time."""
     per = 4 if dtype == "fp32" else 2
-    return f"about {human_bytes(params * per)} held at the peak ({per} bytes x {params:,} weights)"
+    return f"{human_bytes(params * per)} of weights held ({per} bytes x {params:,}), plus one source shard at a time"
 
 
 

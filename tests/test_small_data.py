@@ -222,32 +222,21 @@ def test_no_going_back_where_the_budget_ends_first(tokens: Path, tmp_path: Path,
         assert summary["steps"] == 8 and "no better val loss in 2 evaluations" in summary["stop_reason"], summary
 
 
-def test_a_ctrl_c_where_the_patience_runs_out_resumes_into_the_decay(tokens: Path, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("step", [8, 9], ids=["at-the-evaluation-out-of-patience", "in-the-decay"])
+def test_a_run_stopped_by_ctrl_c_around_the_decay_resumes_exactly(tokens: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Ctrl-C during step 8 (whose evaluation runs out of patience) or step 9 (the first of the decay), then
+    --resume: the uninterrupted run's losses."""
     scripted(monkeypatch, VAL)
     base = dict(max_steps=100, eval_every=2, patience=2, warmup_steps=1, lr=3e-3)
     train(train_cfg(tokens, tmp_path / "whole", **base), MODEL)
-    ctrl_c_during(monkeypatch, 8)  # the step whose evaluation runs out of patience
+    ctrl_c_during(monkeypatch, step)
     train(train_cfg(tokens, tmp_path / "split", **base), MODEL)
     monkeypatch.undo()
     scripted(monkeypatch, VAL)
     summary = train(train_cfg(tokens, tmp_path / "split", resume=True, **base), MODEL)
     assert losses(tmp_path / "split" / "run") == losses(tmp_path / "whole" / "run")
     assert "decayed from the best point (step 4)" in summary["stop_reason"]
-
-
-def test_a_run_stopped_during_the_decay_resumes_exactly(tokens: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    scripted(monkeypatch, VAL)
-    base = dict(max_steps=100, eval_every=2, patience=2, warmup_steps=1, lr=3e-3)
-    train(train_cfg(tokens, tmp_path / "whole", **base), MODEL)
-    ctrl_c_during(monkeypatch, 9)  # the first step of the decay
-    train(train_cfg(tokens, tmp_path / "split", **base), MODEL)
-    monkeypatch.undo()
-    scripted(monkeypatch, VAL)
-    summary = train(train_cfg(tokens, tmp_path / "split", resume=True, **base), MODEL)
-    assert losses(tmp_path / "split" / "run") == losses(tmp_path / "whole" / "run")
-    assert "decayed from the best point" in summary["stop_reason"]
 
 
 # --------------------------------------------------------------------------------------------------
